@@ -1,0 +1,229 @@
+"""Shared I/O contracts of the pipeline: exit codes, errors, hashing, atomic writes, manifests.
+
+Every stage writes ``manifest.json`` into its output directory (stage, created time, inputs with
+sha256, the resolved config, library versions, git commit). A stage that reads a directory calls
+``verify_manifest`` and is told which file changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+EXIT_OK = 0
+EXIT_GATE = 1          # failed gate: pilot no-go, evaluation under threshold, OOM
+EXIT_USAGE = 2         # usage or config error
+EXIT_DATA = 65         # bad input data
+EXIT_IO = 74           # I/O error (disk full, unreadable)
+EXIT_INTERRUPTED = 130
+
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+class PipelineError(Exception):
+    """An error that ends a stage with a specific exit code and one clear line."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(PipelineError):
+    exit_code = EXIT_USAGE
+
+
+class DataError(PipelineError):
+    exit_code = EXIT_DATA
+
+
+class StorageError(PipelineError):
+    exit_code = EXIT_IO
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> None:
+    """Write JSON atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
+
+    A failure (or kill) leaves ``final`` as it was: never a half-written directory that looks
+    finished. Leftover ``.<name>.tmp-*`` siblings from a killed run are ignored by readers.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise UsageError(f"{final} already exists; pass --overwrite or choose another path")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+                "safetensors", "tokenizers"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    return versions
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def describe_inputs(paths: dict[str, str | os.PathLike]) -> dict[str, dict[str, Any]]:
+    """name -> {path, sha256, bytes} for files; directories are described by their manifest."""
+    described = {}
+    for name, path in paths.items():
+        path = Path(path)
+        if path.is_dir():
+            manifest = path / "manifest.json"
+            described[name] = {"path": str(path), "manifest_sha256":
+                               sha256_file(manifest) if manifest.exists() else None}
+        else:
+            described[name] = {"path": str(path), "sha256": sha256_file(path),
+                               "bytes": path.stat().st_size}
+    return described
+
+
+def write_manifest(out_dir: str | os.PathLike, *, stage: str, inputs: dict[str, Any] | None = None,
+                   config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                   created: str | None = None) -> dict[str, Any]:
+    """Write ``manifest.json`` naming every file in ``out_dir`` with its sha256."""
+    out_dir = Path(out_dir)
+    files = {}
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel == "manifest.json" or rel.startswith(("checkpoint-", "wandb/", "tensorboard/")):
+            continue
+        files[rel] = sha256_file(path)
+    manifest = {"stage": stage, "created": created or now_iso(), "inputs": inputs or {},
+                "config": config or {}, "files": files, "versions": library_versions(),
+                "git_commit": git_commit()}
+    if extra:
+        manifest.update(extra)
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def verify_manifest(directory: str | os.PathLike, names: list[str] | None = None) -> dict[str, Any]:
+    """Check ``directory/manifest.json`` exists and its files (or ``names``) hash the same."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError(f"{directory} has no manifest.json: it was not written by this pipeline "
+                        f"(or the run that wrote it did not finish)")
+    manifest = read_json(manifest_path)
+    recorded = manifest.get("files", {})
+    for name in names if names is not None else sorted(recorded):
+        if name not in recorded:
+            raise DataError(f"{directory}/manifest.json does not list {name}")
+        path = directory / name
+        if not path.exists():
+            raise DataError(f"{path} is listed in the manifest but missing")
+        if sha256_file(path) != recorded[name]:
+            raise DataError(f"{path} changed since {manifest.get('stage', 'its stage')} wrote it "
+                            f"(sha256 differs from manifest.json); re-run that stage")
+    return manifest
+
+
+def verify_file_against_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Verify a file that sits in a pipeline output dir, when that dir has a manifest."""
+    path = Path(path)
+    if (path.parent / "manifest.json").exists():
+        return verify_manifest(path.parent, [path.name])
+    return None
+
+
+def scrub_secrets(text: str) -> str:
+    """Replace the values of known token environment variables in ``text``."""
+    for var in SECRET_ENV_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= 8:
+            text = text.replace(value, f"<{var}>")
+    return text
+
+
+def run_main(main_fn, argv=None) -> int:
+    """Run a stage's body, turning known failures into one line and an exit code."""
+    try:
+        return main_fn(argv)
+    except PipelineError as exc:
+        print(f"error: {scrub_secrets(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"error: I/O failure: {scrub_secrets(str(exc))}", file=sys.stderr)
+        return EXIT_IO

