@@ -6,6 +6,7 @@ sha256, the resolved config, library versions, git commit). A stage that reads a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import hashlib
@@ -227,3 +228,13 @@ def run_main(main_fn, argv=None) -> int:
     except OSError as exc:
         print(f"error: I/O failure: {scrub_secrets(str(exc))}", file=sys.stderr)
         return EXIT_IO
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every default that is not None."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or \
+                "%(default)" in (action.help or "") or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

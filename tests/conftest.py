@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random-weight LLaMA with the embedded model's real tokenizer.
 
-The tiny model (2 layers, hidden 32, ~3.2M parameters, ~13 MB in fp32) is built once per test
+The tiny model (2 layers, hidden 64, tied embeddings, ~3.3M parameters, ~13 MB in fp32; 64 is
+the smallest width bitsandbytes' CPU 4-bit kernels accept) is built once per test
 session; every test that trains, evaluates or packages uses it so the suite runs in minutes on CPU.
 """
 from __future__ import annotations
@@ -65,9 +66,9 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)

@@ -1,0 +1,717 @@
+"""The training loop shared by llama_train.py and llama_pilot.py.
+
+One loop for LoRA, QLoRA (4-bit), 8-bit and full fine-tuning, on one device or under
+``accelerate launch`` (DDP / FSDP). What it promises:
+
+- loss on response tokens only, normalised by the number of supervised tokens in the whole
+  optimizer step (all micro-batches, all ranks), so packing, padding and world size agree;
+- checkpoints written to a temporary directory and renamed into place (a crash mid-write leaves
+  the previous checkpoint as the newest complete one); weights, optimizer, scheduler and RNG state
+  as safetensors + JSON, no pickle; resume refuses a checkpoint with missing state;
+- the data order is a function of (seed, epoch), so a resumed run sees the same batches;
+- NaN/inf steps are skipped and counted; too many abort the run without saving;
+- SIGTERM / Ctrl-C finish the current step, write a complete checkpoint and exit 130;
+- ``metrics.jsonl`` (one row per step and per evaluation), TensorBoard, optional W&B, and
+  ``loss_curve.png`` at the end; ``final_model/`` holds the best evaluation's weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llama_config import RunConfig
+from llama_dataset import Encoded, PromptFormat, collate, encode_records, token_stats
+from llama_io import (EXIT_GATE, EXIT_INTERRUPTED, PipelineError, StorageError, UsageError,
+                      describe_inputs, now_iso, write_json, write_manifest)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json",
+                    "rng.safetensors", STATE_FILE)
+# Settings that may change between a checkpoint and its resume without changing the result.
+RESUME_MUTABLE = {"save_steps", "save_total_limit", "eval_steps", "early_stopping_patience",
+                  "num_eval_samples", "max_eval_examples", "max_new_tokens", "max_bad_steps"}
+
+
+class TrainingDiverged(PipelineError):
+    exit_code = EXIT_GATE
+
+
+class Interrupted(PipelineError):
+    exit_code = EXIT_INTERRUPTED
+
+
+@dataclass
+class TrainData:
+    train: list[Encoded]
+    eval: list[Encoded]
+    samples: list[dict[str, Any]]        # golden records whose prompts are generated at each eval
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_model: Path
+    steps: int
+    stopped_early: bool
+    best_eval_loss: float | None
+    first_eval_loss: float | None
+    summary: dict[str, Any]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_data(cfg: RunConfig, tokenizer, fmt: PromptFormat, train_records, eval_records,
+                 sample_records) -> TrainData:
+    """Tokenize; examples with zero supervised tokens never reach training."""
+    train, dropped_train = encode_records(tokenizer, fmt, train_records, cfg.data.max_length)
+    evals, dropped_eval = encode_records(tokenizer, fmt, eval_records[:cfg.eval.max_eval_examples],
+                                         cfg.data.max_length)
+    if not train:
+        raise PipelineError("0 trainable examples after tokenization (every example was empty or "
+                            "longer than --max-length)", 65)
+    return TrainData(train, evals, list(sample_records[:cfg.eval.num_eval_samples]),
+                     {"train": dropped_train, "eval": dropped_eval})
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else \
+        int(cfg.optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.optim.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.optim.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
+
+
+class Trainer:
+    """Runs one training job into ``output_dir``."""
+
+    def __init__(self, cfg: RunConfig, output_dir: Path, data: TrainData, *, model, tokenizer,
+                 fmt: PromptFormat, accelerator, inputs: dict[str, Any] | None = None,
+                 report_to: tuple[str, ...] = (), wandb_project: str = "llama-sft",
+                 stage: str = "train", progress: bool = True):
+        import torch
+
+        self.cfg, self.out, self.data = cfg, Path(output_dir), data
+        self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
+        self.acc = accelerator
+        self.inputs = inputs or {}
+        self.report_to, self.wandb_project, self.stage = report_to, wandb_project, stage
+        self.progress = progress
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise UsageError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable],
+                                           lr=cfg.optim.learning_rate,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.micro_per_epoch = math.ceil(len(data.train) / (cfg.optim.batch_size * self.world))
+        self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.optim.gradient_accumulation_steps)
+        self.total_steps = cfg.optim.max_steps or self.steps_per_epoch * cfg.optim.num_epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(cfg, self.total_steps))
+        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "bad_steps": 0,
+                      "best_eval_loss": None, "best_step": None, "first_eval_loss": None,
+                      "evals_without_improvement": 0, "tokens_seen": 0, "stopped_early": False}
+        self._stop_signal: str | None = None
+        self._writers: list[Any] = []
+
+    # -- data order ------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The permutation of training examples for ``epoch``: a function of (seed, epoch)."""
+        import torch
+
+        gen = torch.Generator().manual_seed(self.cfg.optim.seed * 1000 + epoch)
+        return torch.randperm(len(self.data.train), generator=gen).tolist()
+
+    def micro_batches(self):
+        """Yield (epoch, micro_index, local examples) from the saved position onwards."""
+        bs = self.cfg.optim.batch_size
+        epoch, start = self.state["epoch"], self.state["micro_in_epoch"]
+        while True:
+            order = self.epoch_order(epoch)
+            usable = self.steps_per_epoch * self.cfg.optim.gradient_accumulation_steps
+            for m in range(start, usable):
+                global_idx = order[m * bs * self.world:(m + 1) * bs * self.world]
+                local = global_idx[self.rank * bs:(self.rank + 1) * bs] or global_idx[:bs]
+                yield epoch, m, [self.data.train[i] for i in local]
+            epoch, start = epoch + 1, 0
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def forward_loss(self, batch: dict[str, Any], num_items):
+        out = self.model(**batch, use_cache=False, num_items_in_batch=num_items)
+        return out.loss
+
+    def train_step(self, micro: list[list[Encoded]]) -> dict[str, float]:
+        import torch
+
+        pad_id = self.tokenizer.pad_token_id
+        device = self.acc.device
+        local_items = sum(e.num_supervised for mb in micro for e in mb)
+        items = torch.tensor(float(local_items), device=device)
+        if self.world > 1:
+            items = self.acc.reduce(items, reduction="sum")
+        total_loss = torch.zeros((), device=device)
+        tokens = 0
+        self.model.train()
+        for i, mb in enumerate(micro):
+            batch = {k: v.to(device) for k, v in
+                     collate(mb, pad_id, self.cfg.data.packing).items()}
+            tokens += sum(len(e) for e in mb)
+            sync = i == len(micro) - 1
+            ctx = contextlib.nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
+            with ctx:
+                # DDP averages gradients over ranks, so scale the per-rank share back up.
+                loss = self.forward_loss(batch, items) * self.world
+                self.acc.backward(loss)
+            total_loss += loss.detach() / self.world
+        if self.world > 1:
+            total_loss = self.acc.reduce(total_loss, reduction="sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable],
+                                                   self.cfg.optim.max_grad_norm)
+        loss_value, norm_value = float(total_loss), float(grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": norm_value, "finite": finite, "tokens": tokens,
+                "supervised_tokens": float(items)}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        import torch
+
+        self.model.eval()
+        pad_id = self.tokenizer.pad_token_id
+        loss_sum, items = 0.0, 0
+        bs = max(1, self.cfg.optim.batch_size)
+        with torch.no_grad():
+            shard = self.data.eval[self.rank::self.world]
+            for i in range(0, len(shard), bs):
+                chunk = shard[i:i + bs]
+                n = sum(e.num_supervised for e in chunk)
+                batch = {k: v.to(self.acc.device) for k, v in
+                         collate(chunk, pad_id, self.cfg.data.packing).items()}
+                out = self.model(**batch, use_cache=False,
+                                 num_items_in_batch=torch.tensor(float(n)))
+                loss_sum += float(out.loss) * n
+                items += n
+        if self.world > 1:
+            totals = self.acc.reduce(torch.tensor([loss_sum, float(items)], device=self.acc.device),
+                                     reduction="sum")
+            loss_sum, items = float(totals[0]), int(totals[1])
+        loss = loss_sum / items if items else float("nan")
+        result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                  "eval_examples": len(self.data.eval)}
+        if self.data.samples and self.is_main:
+            result["samples"] = self.generate_samples()
+        return result
+
+    def generate_samples(self) -> list[dict[str, Any]]:
+        from llama_model import generate_batch
+
+        model = self.acc.unwrap_model(self.model)
+        prompts = [self.fmt.encode_prompt(self.tokenizer, r["instruction"], r.get("context", ""))
+                   for r in self.data.samples]
+        gens = generate_batch(model, self.tokenizer, prompts,
+                              max_new_tokens=self.cfg.eval.max_new_tokens)
+        return [{"id": r.get("id"), "instruction": r["instruction"], "reference": r["response"],
+                 "generation": g.text, "stopped": g.stopped}
+                for r, g in zip(self.data.samples, gens)]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Any]:
+        model = self.acc.unwrap_model(self.model)
+        return {n: p.detach().to("cpu").contiguous().clone()
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step>/ atomically; rotate only after it is complete."""
+        import torch
+        from safetensors.torch import save_file
+
+        step = self.state["step"]
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".checkpoint-{step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+                save_file(self.trainable_state(), tmp / "weights.safetensors")
+                opt_tensors, opt_meta = _optimizer_state(self.optimizer, self.trainable)
+                save_file(opt_tensors, tmp / "optimizer.safetensors")
+                write_json(tmp / "optimizer.json", {
+                    "optimizer": opt_meta, "scheduler": self.scheduler.state_dict()})
+                rng = {"torch": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+                save_file(rng, tmp / "rng.safetensors")
+                write_json(tmp / STATE_FILE, {
+                    **self.state, "python_rng": _py_rng_state(), "world_size": self.world,
+                    "config": self.cfg.to_dict(), "saved": now_iso(),
+                    "total_steps": self.total_steps})
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if exc.errno == errno.ENOSPC:
+                    raise StorageError(f"disk full while writing {final.name}; earlier checkpoints "
+                                       f"are intact. Free space or lower --save-total-limit") from None
+                raise StorageError(f"could not write {final.name}: {exc}") from None
+            self.rotate_checkpoints()
+        self.acc.wait_for_everyone()
+        return final
+
+    def rotate_checkpoints(self) -> None:
+        complete = list_checkpoints(self.out)
+        for path in complete[:-self.cfg.eval.save_total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        if missing:
+            raise UsageError(f"cannot resume from {path}: missing {', '.join(missing)} "
+                             f"(refusing to restart silently)")
+        state = json.loads((path / STATE_FILE).read_text())
+        saved_cfg, now_cfg = state.get("config", {}), self.cfg.to_dict()
+        diff = sorted(k for k in set(saved_cfg) | set(now_cfg)
+                      if k not in RESUME_MUTABLE and saved_cfg.get(k) != now_cfg.get(k))
+        if diff:
+            raise UsageError(f"cannot resume from {path}: settings differ from the checkpoint's "
+                             f"({', '.join(diff)})")
+        if state.get("world_size", 1) != self.world:
+            raise UsageError(f"cannot resume from {path}: written with {state['world_size']} "
+                             f"processes, now {self.world}")
+        weights = load_file(path / "weights.safetensors")
+        model = self.acc.unwrap_model(self.model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        meta = json.loads((path / "optimizer.json").read_text())
+        _load_optimizer_state(self.optimizer, self.trainable, load_file(path / "optimizer.safetensors"),
+                              meta["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        rng = load_file(path / "rng.safetensors")
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        _set_py_rng_state(state.pop("python_rng"))
+        for key in self.state:
+            self.state[key] = state[key]
+        log(f"resumed from {path} at step {self.state['step']}")
+
+    # -- best weights ----------------------------------------------------------------------------
+    def save_best(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.is_main:
+            best = self.out / "best_weights.safetensors"
+            tmp = best.with_suffix(".tmp")
+            try:
+                save_file(self.trainable_state(), tmp)
+                os.replace(tmp, best)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                code = "disk full" if exc.errno == errno.ENOSPC else str(exc)
+                raise StorageError(f"could not save the best weights: {code}") from None
+
+    def restore_best(self) -> bool:
+        import torch
+        from safetensors.torch import load_file
+
+        best = self.out / "best_weights.safetensors"
+        if not best.exists():
+            return False
+        weights = load_file(best)
+        params = dict(self.acc.unwrap_model(self.model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        return True
+
+    # -- logging ---------------------------------------------------------------------------------
+    def open_loggers(self) -> None:
+        if not self.is_main:
+            return
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writers.append(("tensorboard", SummaryWriter(str(self.out / "tensorboard"))))
+        if "wandb" in self.report_to:
+            import wandb
+            if not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+                os.environ.setdefault("WANDB_MODE", "offline")
+            run = wandb.init(project=self.wandb_project, dir=str(self.out),
+                             config=self.cfg.to_dict(), job_type=self.stage, reinit="finish_previous")
+            self._writers.append(("wandb", run))
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        row = {"time": round(time.time(), 3), **row}
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: v for k, v in row.items() if k != "samples"}) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        for kind, writer in self._writers:
+            if kind == "tensorboard":
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, row["step"])
+            else:
+                writer.log(scalars, step=row["step"])
+
+    def close_loggers(self) -> None:
+        for kind, writer in self._writers:
+            writer.close() if kind == "tensorboard" else writer.finish()
+        self._writers = []
+
+    # -- signals ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def graceful_signals(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            log(f"{self._stop_signal} received: finishing this step, then writing a checkpoint")
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, prev in previous.items():
+                signal.signal(sig, prev)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, resume: Path | None = None) -> TrainResult:
+        import torch
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif self.is_main:
+            for stale in ("metrics.jsonl", "best_weights.safetensors"):
+                (self.out / stale).unlink(missing_ok=True)
+        self.open_loggers()
+        accum = cfg.optim.gradient_accumulation_steps
+        log(f"training: {len(self.data.train)} examples, {self.total_steps} optimizer steps, "
+            f"global batch {cfg.optim.batch_size} x {accum} x {self.world} = "
+            f"{cfg.optim.batch_size * accum * self.world} examples")
+        if self.state["step"] == 0 and self.data.eval:
+            self.run_eval()
+        batches = self.micro_batches()
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=self.stage,
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        with self.graceful_signals():
+            while self.state["step"] < self.total_steps and not self.state["stopped_early"]:
+                t0 = time.perf_counter()
+                micro = []
+                for _ in range(accum):
+                    epoch, m, examples = next(batches)
+                    micro.append(examples)
+                stats = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                self.state["epoch"], self.state["micro_in_epoch"] = epoch, m + 1
+                if self.state["micro_in_epoch"] >= self.steps_per_epoch * accum:
+                    self.state["epoch"], self.state["micro_in_epoch"] = epoch + 1, 0
+                if not stats["finite"]:
+                    self.state["bad_steps"] += 1
+                    log(f"step {self.state['step'] + 1}: non-finite loss/grad, step skipped "
+                        f"({self.state['bad_steps']}/{cfg.optim.max_bad_steps})")
+                    if self.state["bad_steps"] > cfg.optim.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"training diverged: {self.state['bad_steps']} non-finite steps; no "
+                            f"checkpoint was saved. Lower --learning-rate or check the data")
+                    continue
+                self.state["step"] += 1
+                self.state["tokens_seen"] += stats["tokens"] * self.world
+                step = self.state["step"]
+                self.log_metrics({"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                                  "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": stats["grad_norm"],
+                                  "tokens_per_s": stats["tokens"] * self.world / dt,
+                                  "step_time_s": dt, "memory_mb": _memory_mb(),
+                                  "bad_steps": self.state["bad_steps"]})
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                if self.data.eval and (step % cfg.eval.eval_steps == 0 or step == self.total_steps):
+                    self.run_eval()
+                if step % cfg.eval.save_steps == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+                if self._stop_signal:
+                    path = self.save_checkpoint()
+                    bar.close()
+                    self.close_loggers()
+                    raise Interrupted(f"stopped by {self._stop_signal}; checkpoint saved at {path}. "
+                                      f"Continue with --resume auto")
+        bar.close()
+        return self.finish()
+
+    def run_eval(self) -> None:
+        result = self.evaluate()
+        step = self.state["step"]
+        loss = result["eval_loss"]
+        if self.state["first_eval_loss"] is None:
+            self.state["first_eval_loss"] = loss
+        self.log_metrics({"step": step, **result})
+        if self.is_main:
+            log(f"step {step}: eval loss {loss:.4f} (perplexity {result['eval_perplexity']:.2f})")
+            for s in result.get("samples", [])[:3]:
+                log(f"  sample {s['id']}: {s['generation'][:120]!r}  (reference {s['reference'][:60]!r})")
+        if step == 0:
+            return
+        best = self.state["best_eval_loss"]
+        if best is None or loss < best:
+            self.state.update(best_eval_loss=loss, best_step=step, evals_without_improvement=0)
+            self.save_best()
+        else:
+            self.state["evals_without_improvement"] += 1
+            patience = self.cfg.eval.early_stopping_patience
+            if patience and self.state["evals_without_improvement"] >= patience:
+                log(f"early stopping at step {step}: no eval improvement in {patience} evaluations "
+                    f"(best {best:.4f} at step {self.state['best_step']})")
+                self.state["stopped_early"] = True
+
+    def finish(self) -> TrainResult:
+        """Write final_model/ (the best evaluation's weights), the plot and the manifest."""
+        restored = self.restore_best()
+        final = self.out / "final_model"
+        summary = {"stage": self.stage, "steps": self.state["step"],
+                   "total_steps": self.total_steps, "stopped_early": self.state["stopped_early"],
+                   "weights_from_step": self.state["best_step"] if restored else self.state["step"],
+                   "first_eval_loss": self.state["first_eval_loss"],
+                   "best_eval_loss": self.state["best_eval_loss"],
+                   "bad_steps": self.state["bad_steps"], "tokens_seen": self.state["tokens_seen"],
+                   "train_examples": len(self.data.train), "eval_examples": len(self.data.eval),
+                   "dropped_examples": self.data.dropped, "world_size": self.world,
+                   "global_batch": self.cfg.optim.batch_size *
+                   self.cfg.optim.gradient_accumulation_steps * self.world,
+                   "token_stats": token_stats(self.data.train)}
+        if self.is_main:
+            self.save_final_model(final, summary)
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+            write_json(self.out / "metrics_summary.json", summary)
+            write_json(self.out / "training_config.json", self.cfg.to_dict())
+            (self.out / "best_weights.safetensors").unlink(missing_ok=True)
+            write_manifest(self.out, stage=self.stage, inputs=self.inputs, config=self.cfg.to_dict())
+        self.close_loggers()
+        self.acc.wait_for_everyone()
+        return TrainResult(self.out, final, self.state["step"], self.state["stopped_early"],
+                           self.state["best_eval_loss"], self.state["first_eval_loss"], summary)
+
+    def save_final_model(self, final: Path, summary: dict[str, Any]) -> None:
+        from llama_io import atomic_output_dir
+
+        model = self.acc.unwrap_model(self.model)
+        with atomic_output_dir(final) as tmp:
+            if hasattr(model, "peft_config"):
+                model.peft_config["default"].base_model_name_or_path = self.cfg.base_model
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            self.fmt.save(tmp)
+            write_json(tmp / "training_config.json", self.cfg.to_dict())
+            write_json(tmp / "metrics_summary.json", summary)
+            for junk in ("training_args.bin", "README.md"):
+                (tmp / junk).unlink(missing_ok=True)
+            write_manifest(tmp, stage=f"{self.stage}/final_model", inputs=self.inputs,
+                           config=self.cfg.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, with a state file), oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        complete = list_checkpoints(output_dir)
+        if not complete:
+            log(f"--resume auto: no complete checkpoint in {output_dir}; starting fresh")
+            return None
+        return complete[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UsageError(f"--resume {resume}: no such checkpoint directory")
+    return path
+
+
+def _optimizer_state(optimizer, trainable) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW state as named tensors + JSON (no pickle)."""
+    import torch
+
+    state = optimizer.state_dict()
+    index_to_name = {i: name for i, (name, _) in enumerate(trainable)}
+    tensors, scalars = {}, {}
+    for idx, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index_to_name[idx]}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index_to_name[idx]}::{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
+    name_to_index = {name: i for i, (name, _) in enumerate(trainable)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        name, field_name = key.rsplit("::", 1)
+        if name not in name_to_index:
+            raise UsageError(f"checkpoint optimizer state names unknown parameter {name}")
+        state.setdefault(name_to_index[name], {})[field_name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _py_rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_py_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = [], []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row:
+                train.append((row["step"], row["loss"]))
+            if "eval_loss" in row:
+                evals.append((row["step"], row["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_records,
+                  sample_records, inputs: dict[str, Any] | None = None,
+                  report_to: tuple[str, ...] = (), wandb_project: str = "llama-sft",
+                  stage: str = "train", progress: bool = True) -> Trainer:
+    """Load tokenizer and model through llama_model, tokenize, and return a ready Trainer."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
+
+    accelerator = Accelerator()
+    set_seed(cfg.optim.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data.prompt_style)
+    data = prepare_data(cfg, tokenizer, fmt, train_records, eval_records, sample_records)
+    quantized = cfg.model.quantization != "none"
+    device_map = {"": accelerator.device} if quantized else None
+    model = load_base_model(cfg.base_model, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
+                            device_map=device_map)
+    if cfg.model.method == "full":
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model.dtype != torch.float32:
+            model = model.float()  # full fine-tuning keeps fp32 master weights
+    else:
+        model = attach_lora(model, cfg.lora, quantized=quantized,
+                            gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if not quantized:
+        model = model.to(accelerator.device)
+    trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        log(f"model {cfg.base_model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
+            f"trainable ({cfg.model.method}, {cfg.model.quantization}, {model.dtype})")
+    return Trainer(cfg, output_dir, data, model=model, tokenizer=tokenizer, fmt=fmt,
+                   accelerator=accelerator, inputs=inputs, report_to=report_to,
+                   wandb_project=wandb_project, stage=stage, progress=progress)
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+OOM_ADVICE = ("out of memory: lower --batch-size (raise --gradient-accumulation-steps to keep the "
+              "global batch), add --use-4bit, lower --max-length, or enable "
+              "--gradient-checkpointing")
