@@ -272,6 +272,9 @@ class Trainer:
                 if torch.cuda.is_available():
                     rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
                 save_file(rng, tmp / "rng.safetensors")
+                best = self.out / "best_weights.safetensors"
+                if best.exists():
+                    shutil.copy2(best, tmp / best.name)
                 write_json(tmp / STATE_FILE, {
                     **self.state, "python_rng": _py_rng_state(), "world_size": self.world,
                     "config": self.cfg.to_dict(), "saved": now_iso(),
@@ -331,7 +334,22 @@ class Trainer:
         _set_py_rng_state(state.pop("python_rng"))
         for key in self.state:
             self.state[key] = state[key]
+        if self.is_main:
+            self._restore_side_files(path)
         log(f"resumed from {path} at step {self.state['step']}")
+
+    def _restore_side_files(self, path: Path) -> None:
+        """Bring best weights and metrics back to the checkpoint's step."""
+        best = path / "best_weights.safetensors"
+        if self.state["best_step"] is not None:
+            if not best.exists():
+                raise UsageError(f"cannot resume from {path}: best_weights.safetensors is missing")
+            shutil.copy2(best, self.out / best.name)
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            rows = [line for line in metrics.read_text().splitlines()
+                    if json.loads(line)["step"] <= self.state["step"]]
+            metrics.write_text("".join(f"{r}\n" for r in rows))
 
     # -- best weights ----------------------------------------------------------------------------
     def save_best(self) -> None:
