@@ -56,6 +56,12 @@ class Preset:
     accelerate_config: str | None = None  # configs/accelerate/<file> for multi-GPU runs
     license: str = "llama2"
     source: str = ""                 # where the defaults come from
+    hidden_size: int = 4096          # architecture, for memory estimates
+    num_layers: int = 32
+    intermediate_size: int = 11008
+    num_kv_heads: int = 32
+    num_heads: int = 32
+    vocab_size: int = 32000
 
 
 # The 7b/13b/70b rows carry the user's guide's numbers exactly. The Llama 3.x rows follow the
@@ -64,44 +70,51 @@ class Preset:
 # CPU demo, tuned here so the whole chain finishes in minutes on 2 cores.
 PRESETS: dict[str, Preset] = {
     "135m": Preset(  # SmolLM2-135M-Instruct, 134.5M params, LlamaForCausalLM, embedded default
-        name="135m", base_model=EMBEDDED_MODEL_ID, params=134_515_008, min_gpu_memory_gb=0.0,
+        name="135m", vocab_size=49152, hidden_size=576, num_layers=30, intermediate_size=1536, num_kv_heads=3, num_heads=9,
+        base_model=EMBEDDED_MODEL_ID, params=134_515_008, min_gpu_memory_gb=0.0,
         recommended_gpu="none (runs on CPU)", lora_r=16, lora_alpha=32, lora_dropout=0.05,
         batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3, num_epochs=1,
         max_length=512, gradient_checkpointing=False, quantization="none", max_steps=80,
         license="apache-2.0", source="measured on a 2-core CPU for the demo"),
     "1b": Preset(  # Llama-3.2-1B, 1.24B params
-        name="1b", base_model="meta-llama/Llama-3.2-1B", params=1_235_814_400,
+        name="1b", vocab_size=128256, hidden_size=2048, num_layers=16, intermediate_size=8192, num_kv_heads=8, num_heads=32,
+        base_model="meta-llama/Llama-3.2-1B", params=1_235_814_400,
         min_gpu_memory_gb=8, recommended_gpu="RTX 3060 (12GB) or better", lora_r=64,
         lora_alpha=128, lora_dropout=0.0, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=3e-4, num_epochs=1, max_length=2048, gradient_checkpointing=True,
         quantization="none", license="llama3.2", source="torchtune llama3_2/1B_lora"),
     "3b": Preset(  # Llama-3.2-3B, 3.21B params
-        name="3b", base_model="meta-llama/Llama-3.2-3B", params=3_212_749_824,
+        name="3b", vocab_size=128256, hidden_size=3072, num_layers=28, intermediate_size=8192, num_kv_heads=8, num_heads=24,
+        base_model="meta-llama/Llama-3.2-3B", params=3_212_749_824,
         min_gpu_memory_gb=12, recommended_gpu="RTX 4080 (16GB) or better", lora_r=64,
         lora_alpha=128, lora_dropout=0.0, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=3e-4, num_epochs=1, max_length=2048, gradient_checkpointing=True,
         quantization="none", license="llama3.2", source="torchtune llama3_2/3B_lora"),
     "7b": Preset(  # Llama-2-7b, 6.74B params
-        name="7b", base_model="meta-llama/Llama-2-7b-hf", params=6_738_415_616,
+        name="7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_kv_heads=32, num_heads=32,
+        base_model="meta-llama/Llama-2-7b-hf", params=6_738_415_616,
         min_gpu_memory_gb=16, recommended_gpu="RTX 3090 (24GB) or better", lora_r=16,
         lora_alpha=32, lora_dropout=0.05, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=2e-5, num_epochs=3, max_length=2048, gradient_checkpointing=True,
         quantization="4bit", source="user's guide"),
     "8b": Preset(  # Llama-3.1-8B, 8.03B params
-        name="8b", base_model="meta-llama/Llama-3.1-8B", params=8_030_261_248,
+        name="8b", vocab_size=128256, hidden_size=4096, num_layers=32, intermediate_size=14336, num_kv_heads=8, num_heads=32,
+        base_model="meta-llama/Llama-3.1-8B", params=8_030_261_248,
         min_gpu_memory_gb=16, recommended_gpu="RTX 4090 (24GB) or better", lora_r=8,
         lora_alpha=16, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=8,
         learning_rate=3e-4, num_epochs=1, max_length=2048, gradient_checkpointing=True,
         quantization="4bit", license="llama3.1",
         source="torchtune llama3_1/8B_qlora_single_device"),
     "13b": Preset(  # Llama-2-13b, 13.0B params
-        name="13b", base_model="meta-llama/Llama-2-13b-hf", params=13_015_864_320,
+        name="13b", hidden_size=5120, num_layers=40, intermediate_size=13824, num_kv_heads=40, num_heads=40,
+        base_model="meta-llama/Llama-2-13b-hf", params=13_015_864_320,
         min_gpu_memory_gb=24, recommended_gpu="A100 (40GB) or better", lora_r=32,
         lora_alpha=64, lora_dropout=0.05, batch_size=2, gradient_accumulation_steps=8,
         learning_rate=2e-5, num_epochs=3, max_length=2048, gradient_checkpointing=True,
         quantization="4bit", num_gpus=2, accelerate_config="fsdp.yaml", source="user's guide"),
     "70b": Preset(  # Llama-2-70b, 69.0B params
-        name="70b", base_model="meta-llama/Llama-2-70b-hf", params=68_976_648_192,
+        name="70b", hidden_size=8192, num_layers=80, intermediate_size=28672, num_kv_heads=8, num_heads=64,
+        base_model="meta-llama/Llama-2-70b-hf", params=68_976_648_192,
         min_gpu_memory_gb=80, recommended_gpu="Multiple A100 (80GB) or H100", lora_r=64,
         lora_alpha=128, lora_dropout=0.05, batch_size=1, gradient_accumulation_steps=16,
         learning_rate=2e-5, num_epochs=3, max_length=2048, gradient_checkpointing=True,
@@ -358,22 +371,34 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Hardware estimates and the environment check.
 
-def estimate_training_memory_gb(params: int, *, quantization: str, method: str, lora_params: int,
-                                batch_size: int, max_length: int, hidden_size: int,
-                                num_layers: int, gradient_checkpointing: bool) -> float:
-    """A first-order estimate of peak GPU memory for fine-tuning, in GB.
+def lora_parameter_count(preset: Preset, r: int, targets: tuple[str, ...]) -> int:
+    """Exact LoRA parameter count for a LLaMA architecture: r·(in+out) per targeted linear."""
+    h, i = preset.hidden_size, preset.intermediate_size
+    kv = preset.num_kv_heads * (h // preset.num_heads)
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return preset.num_layers * sum(r * sum(dims[t]) for t in targets if t in dims)
 
-    weights (2 bytes/param bf16, ~0.55 for nf4 with double quant, 1.05 for int8) + trainable
-    state (weights fp32 + grads + 2 Adam moments = 16 bytes/trainable param) + activations
-    (~34·h bytes per token per layer without checkpointing, ~2·h with it) + 1 GB CUDA context.
+
+def estimate_training_memory_gb(preset: Preset, *, quantization: str, method: str, lora_r: int,
+                                lora_targets: tuple[str, ...], batch_size: int, max_length: int,
+                                gradient_checkpointing: bool) -> float:
+    """First-order peak memory of fine-tuning on one device, in GB (10^9 bytes).
+
+    weights: 2 bytes/param (bf16), 0.55 (nf4 + double-quant constants) or 1.05 (int8);
+    trainable state: 16 bytes per trainable param (fp32 weight, grad, two Adam moments);
+    activations (bf16, SDPA, Korthikanti et al. 2022): 34·h bytes per token per layer, or
+    2·h per layer plus one layer's 34·h when checkpointing; logits: 8·vocab bytes per token
+    (fp32 logits and their gradient); plus 0.5 GB for the CUDA context and allocator slack.
     """
     bytes_per_param = {"none": 2.0, "8bit": 1.05, "4bit": 0.55}[quantization]
-    trainable = params if method == "full" else lora_params
-    weights = params * bytes_per_param
-    optimizer = trainable * 16
-    per_token_layer = (2 if gradient_checkpointing else 34) * hidden_size
-    activations = batch_size * max_length * per_token_layer * num_layers
-    return (weights + optimizer + activations) / 1e9 + 1.0
+    trainable = preset.params if method == "full" else \
+        lora_parameter_count(preset, lora_r, lora_targets)
+    tokens = batch_size * max_length
+    h, layers = preset.hidden_size, preset.num_layers
+    per_token = (2 * h * layers + 34 * h) if gradient_checkpointing else 34 * h * layers
+    activations = tokens * (per_token + 8 * preset.vocab_size)
+    return (preset.params * bytes_per_param + trainable * 16 + activations) / 1e9 + 0.5
 
 
 def detect_hardware() -> dict[str, Any]:

@@ -35,7 +35,7 @@ def _bool_flag(parser, name: str, help_text: str) -> None:
                         action=argparse.BooleanOptionalAction, help=f"{help_text} (default: {PRESET})")
 
 
-def add_training_flags(parser: argparse.ArgumentParser, *, pilot: bool = False) -> None:
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by llama_train.py and llama_pilot.py; all default to None ("use preset")."""
     p = parser
     p.add_argument("--model-size", default=None,

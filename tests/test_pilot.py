@@ -1,0 +1,100 @@
+"""llama_pilot.py: a healthy run says go; deliberately broken setups fail the right check."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import make_records, write_jsonl
+
+import llama_dataset
+import llama_pilot
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pilot") / "golden_set.jsonl",
+                       make_records(6, "golden", 300))
+
+
+def pilot_args(tiny_model_dir, golden, out, *extra):
+    return ["--golden-set", str(golden), "--output-dir", str(out), "--base-model",
+            str(tiny_model_dir), "--batch-size", "6", "--report-to", "none", "--no-progress",
+            "--dtype", "float32", "--num-samples", "6", "--max-new-tokens", "24",
+            *map(str, extra)]
+
+
+def report(out):
+    return json.loads((out / "pilot_evaluation.json").read_text())
+
+
+def test_healthy_pilot_says_go(tiny_model_dir, golden, tmp_path, capsys):
+    out = tmp_path / "pilot"
+    rc = llama_pilot.main(pilot_args(tiny_model_dir, golden, out, "--method", "full",
+                                     "--learning-rate", "1e-2", "--max-steps", "40"))
+    rep = report(out)
+    assert rc == 0, rep["failed_checks"]
+    assert rep["verdict"] == "go" and rep["failed_checks"] == []
+    names = {c["name"] for c in rep["checks"]}
+    assert names == {"supervised_token_ratio", "examples_without_eos_label", "zero_label_examples",
+                     "prompt_roundtrip_failures", "loss_drop", "non_finite_steps",
+                     "grad_norm_finite", "final_eval_loss", "stop_rate", "memory_fit"}
+    assert rep["resources"]["tokens_per_s"] > 0 and rep["resources"]["peak_memory_mb"] > 0
+    assert len(rep["samples"]) == 6 and {"prompt", "reference", "generation"} <= set(rep["samples"][0])
+    assert (out / "final_model" / "model.safetensors").exists()
+    assert "pilot verdict: GO" in capsys.readouterr().out
+
+
+def test_eos_masked_out_fails_the_data_check(tiny_model_dir, golden, tmp_path, monkeypatch):
+    real = llama_dataset.encode_example
+
+    def drop_eos_label(tokenizer, fmt, record, max_length, policy="truncate"):
+        enc = real(tokenizer, fmt, record, max_length, policy)
+        return replace(enc, labels=enc.labels[:-1] + [llama_dataset.IGNORE_INDEX])
+
+    monkeypatch.setattr(llama_dataset, "encode_example", drop_eos_label)
+    out = tmp_path / "pilot"
+    assert llama_pilot.main(pilot_args(tiny_model_dir, golden, out, "--max-steps", "3")) == 1
+    rep = report(out)
+    assert rep["verdict"] == "no-go"
+    assert rep["failed_checks"][0] == "examples_without_eos_label" or \
+        "examples_without_eos_label" in rep["failed_checks"]
+    check = next(c for c in rep["checks"] if c["name"] == "examples_without_eos_label")
+    assert check["value"] == 6 and not check["passed"]
+
+
+def test_zero_learning_rate_fails_the_learning_check(tiny_model_dir, golden, tmp_path):
+    out = tmp_path / "pilot"
+    assert llama_pilot.main(pilot_args(tiny_model_dir, golden, out, "--max-steps", "4",
+                                       "--learning-rate", "0")) == 1
+    rep = report(out)
+    assert "loss_drop" in rep["failed_checks"]
+    assert next(c for c in rep["checks"] if c["name"] == "loss_drop")["value"] == pytest.approx(0, abs=1e-6)
+    assert rep["checks"][0]["passed"] is False  # failing checks are listed first
+
+
+def test_all_responses_masked_is_no_go_before_training(tiny_model_dir, golden, tmp_path,
+                                                       monkeypatch):
+    real = llama_dataset.encode_example
+
+    def mask_everything(tokenizer, fmt, record, max_length, policy="truncate"):
+        enc = real(tokenizer, fmt, record, max_length, policy)
+        return replace(enc, labels=[llama_dataset.IGNORE_INDEX] * len(enc.labels))
+
+    monkeypatch.setattr(llama_dataset, "encode_example", mask_everything)
+    out = tmp_path / "pilot"
+    assert llama_pilot.main(pilot_args(tiny_model_dir, golden, out)) == 1
+    rep = report(out)
+    zero = next(c for c in rep["checks"] if c["name"] == "zero_label_examples")
+    assert zero["value"] == 6 and not zero["passed"]
+    assert "train_summary" not in rep and not (out / "final_model").exists()
+
+
+def test_memory_fit_suggests_a_setup_that_fits():
+    from llama_config import PRESETS
+
+    fit = llama_pilot._fit(PRESETS["13b"], budget_gb=12.0)
+    assert not fit["fits"]
+    assert fit["suggestion"]["quantization"] == "4bit" and fit["suggestion"]["estimate_gb"] <= 12
+    assert fit["suggestion"]["batch_size"] * fit["suggestion"]["gradient_accumulation_steps"] == 16
