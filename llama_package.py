@@ -50,9 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from llama_io import (DataError, UsageError, atomic_output_dir, describe_inputs, library_versions,
-                      read_json, run_main, sha256_file, verify_file_against_manifest,
-                      verify_manifest, write_json, write_manifest, write_text_atomic)
+from llama_io import (SECRET_ENV_VARS, DataError, UsageError, atomic_output_dir,
+                      describe_inputs, library_versions, read_json, run_main, sha256_file,
+                      verify_file_against_manifest, verify_manifest, write_json, write_manifest,
+                      write_text_atomic)
 
 log = logging.getLogger("llama_package")
 
@@ -69,7 +70,8 @@ GENERATED_FILES = (METADATA, "README.md", "requirements.txt", SUMS)
 ALLOWED_FILES = frozenset(COPIED_FILES + GENERATED_FILES + (EVALUATION,))
 REQUIRED_FILES = ADAPTER_FILES + ("tokenizer_config.json", PROMPT_FORMAT, METADATA, SUMS)
 # Read into metadata.json, never copied.
-RECORD_FILES = ("training_config.json", "manifest.json", "metrics_summary.json")
+RECORD_FILES = ("training_config.json", "manifest.json", "metrics_summary.json", METADATA, SUMS)
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 PACKAGE_FORMAT = "llama-sft-package"
 PACKAGE_FORMAT_VERSION = 1
 
@@ -156,8 +158,6 @@ def inspect_adapter_dir(adapter_dir: Path) -> tuple[list[str], list[str]]:
 
 def find_secret(path: Path) -> str | None:
     """The kind of token found in ``path`` (token-shaped strings or a live env token), or None."""
-    from llama_io import SECRET_ENV_VARS
-
     literals = [os.environ[v].encode() for v in SECRET_ENV_VARS
                 if len(os.environ.get(v, "")) >= 8]
     tail = b""
@@ -187,7 +187,7 @@ def _epoch(created: str | None) -> int:
 
 
 def data_hashes(adapter_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Input hashes from the adapter's manifest and its training run's manifest (file names only)."""
+    """Input hashes from the adapter's and its training run's manifests (file names only)."""
     sources = [manifest]
     parent = adapter_dir.parent / "manifest.json"
     if parent.is_file():
@@ -296,7 +296,7 @@ python3 llama_package.py --extract {folder}.tar.gz --to ./unpacked    # verified
 ## Merge into a full model
 
 ```bash
-python3 llama_package.py --adapter-path ./unpacked/{folder} --output-dir ./packages --merge
+python3 llama_package.py --adapter-path {folder}.tar.gz --output-dir ./merged --merge
 ```
 
 or in Python: `model.merge_and_unload().save_pretrained("merged", safe_serialization=True)`
@@ -309,8 +309,9 @@ or in Python: `model.merge_and_unload().save_pretrained("merged", safe_serializa
 
 
 PROMPT_LINES = {
-    "chat_template": 'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], '
-                     'add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+    "chat_template": 'inputs = tokenizer.apply_chat_template([{"role": "user", "content": '
+                     '"Hello"}], add_generation_prompt=True, return_tensors="pt", '
+                     'return_dict=True)',
     "instruction": 'inputs = tokenizer("### Instruction:\\nHello\\n\\n### Response:\\n", '
                    'return_tensors="pt")',
     "llama2": 'inputs = tokenizer("[INST] Hello [/INST] ", return_tensors="pt")',
@@ -363,33 +364,54 @@ def _package_base_id(base: str) -> str:
     return base
 
 
-def resolve_package_target(adapter_dir: Path, base_model: str | None,
-                           model_size: str | None) -> tuple[str, str, dict[str, Any]]:
-    """(base model, model size, training config); mismatches with the adapter are usage errors."""
+def read_adapter_records(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training config, manifest) of a final_model/ dir, checked against its manifest.
+
+    An extracted package (no manifest.json, but SHA256SUMS and metadata.json) is checked against
+    SHA256SUMS instead, and its metadata.json stands in for both records.
+    """
+    if (adapter_dir / "manifest.json").exists() or not (adapter_dir / SUMS).is_file():
+        manifest = verify_manifest(adapter_dir)
+        cfg_path = adapter_dir / "training_config.json"
+        training_config = read_json(cfg_path) if cfg_path.is_file() else {}
+        if not isinstance(training_config, dict):
+            raise DataError(f"{cfg_path} must hold a JSON object")
+        return training_config, manifest
+    sums = _parse_sums(adapter_dir, (adapter_dir / SUMS).read_bytes())
+    for name, digest in sums.items():
+        if name not in ALLOWED_FILES or sha256_file(adapter_dir / name) != digest:
+            raise DataError(f"{adapter_dir / name} does not match {SUMS}; extract the package "
+                            f"again")
+    meta = read_json(adapter_dir / METADATA)
+    training_config = {**(meta.get("training_config") or {}),
+                       "model_size": meta.get("model_size"), "base_model": meta.get("base_model")}
+    inputs = {k: {"path": v.get("file", ""), **v} for k, v in (meta.get("data") or {}).items()}
+    manifest = {"created": meta.get("created"), "config": training_config, "inputs": inputs,
+                "versions": (meta.get("versions") or {}).get("training") or {},
+                "git_commit": meta.get("pipeline_git_commit")}
+    return training_config, manifest
+
+
+def resolve_package_target(adapter_dir: Path, training_config: dict[str, Any],
+                           base_model: str | None, model_size: str | None) -> tuple[str, str]:
+    """(base model, model size); mismatches with what the adapter records are usage errors."""
     from llama_config import DEFAULT_SIZE, get_preset, preset_for_base_model
     from llama_model import check_adapter_dir, recorded_base_model
 
-    if not adapter_dir.is_dir():
-        raise UsageError(f"adapter path {adapter_dir} does not exist or is not a directory")
-    train_cfg_path = adapter_dir / "training_config.json"
-    training_config = read_json(train_cfg_path) if train_cfg_path.is_file() else {}
-    if not isinstance(training_config, dict):
-        raise DataError(f"{train_cfg_path} must hold a JSON object")
     recorded = _package_base_id(training_config.get("base_model")
                                 or recorded_base_model(adapter_dir))
     requested = _package_base_id(base_model) if base_model else recorded
     if requested != recorded and Path(requested).resolve() != Path(recorded).resolve():
         raise UsageError(f"adapter {adapter_dir} was trained on {recorded!r}, not {base_model!r}; "
                          f"pass --base-model {recorded} (or leave it out)")
-    base = recorded  # a local directory may have been named another way
-    check_adapter_dir(adapter_dir, base)
+    check_adapter_dir(adapter_dir, recorded)
     recorded_size = training_config.get("model_size")
     if model_size and recorded_size and get_preset(model_size).name != recorded_size:
         raise UsageError(f"adapter {adapter_dir} was trained with --model-size {recorded_size}, "
                          f"not {model_size}; pass --model-size {recorded_size}")
-    preset = preset_for_base_model(base)
+    preset = preset_for_base_model(recorded)
     size = model_size or recorded_size or (preset.name if preset else DEFAULT_SIZE)
-    return base, get_preset(size).name, training_config
+    return recorded, get_preset(size).name
 
 
 def build_metadata(*, name: str, version: str, base_model: str, model_size: str,
@@ -493,14 +515,13 @@ def plan_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, 
                  base_model: str | None = None, model_size: str | None = None,
                  name: str | None = None, version: str = "0.1.0",
                  evaluation: str | os.PathLike | None = None) -> PackagePlan:
-    """Validate the adapter dir and options; refuse dangerous content, naming every file."""
+    """Validate the adapter dir and options; refuse dangerous content, naming every file.
+
+    The directory is inspected (no links followed, nothing read) before any file in it is read.
+    """
     adapter_dir = Path(adapter_dir)
-    base, size, training_config = resolve_package_target(adapter_dir, base_model, model_size)
-    name = _check_name("name", name or f"llama-sft-{size}")
-    version = _check_name("version", version)
-    eval_path = Path(evaluation) if evaluation else None
-    if eval_path is not None and not eval_path.is_file():
-        raise UsageError(f"evaluation report {eval_path} not found")
+    if not adapter_dir.is_dir():
+        raise UsageError(f"adapter path {adapter_dir} does not exist or is not a directory")
     adapter_dir = adapter_dir.resolve()
     present, problems = inspect_adapter_dir(adapter_dir)
     if problems:
@@ -510,7 +531,15 @@ def plan_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, 
     if missing:
         raise DataError(f"{adapter_dir} lacks {', '.join(missing)}; it was not written by "
                         f"llama_train.py")
-    manifest = verify_manifest(adapter_dir)
+    training_config, manifest = read_adapter_records(adapter_dir)
+    base, size = resolve_package_target(adapter_dir, training_config, base_model, model_size)
+    name = _check_name("name", name or f"llama-sft-{size}")
+    version = _check_name("version", version)
+    packaged_eval = adapter_dir / EVALUATION
+    eval_path = Path(evaluation) if evaluation else (
+        packaged_eval if packaged_eval.is_file() and (adapter_dir / SUMS).is_file() else None)
+    if eval_path is not None and not eval_path.is_file():
+        raise UsageError(f"evaluation report {eval_path} not found")
     summary = None
     if eval_path is not None:
         verify_file_against_manifest(eval_path)
@@ -557,29 +586,48 @@ def _output_dir(path: Path) -> Iterator[Path]:
         raise
 
 
+def is_package_archive(path: str | os.PathLike) -> bool:
+    return Path(path).is_file() and str(path).endswith(ARCHIVE_SUFFIXES)
+
+
+@contextlib.contextmanager
+def _adapter_source(adapter_path: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """(adapter dir, what to name as the input): a package archive is verified and extracted."""
+    if not is_package_archive(adapter_path):
+        yield Path(adapter_path), Path(adapter_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="llama_package-") as tmp:
+        yield extract_package(adapter_path, tmp), Path(adapter_path)
+
+
 def build_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                   base_model: str | None = None, model_size: str | None = None,
                   name: str | None = None, version: str = "0.1.0",
                   evaluation: str | os.PathLike | None = None, merge: bool = False,
                   gguf: bool = False, merge_dtype: str = "auto") -> Path:
-    """Package ``adapter_dir`` into ``output_dir/<name>-<version>.tar.gz`` (+ .sha256, manifest)."""
-    plan = plan_package(adapter_dir, output_dir, base_model=base_model, model_size=model_size,
-                        name=name, version=version, evaluation=evaluation)
-    archive = plan.archive
-    with _output_dir(plan.output_dir), tempfile.TemporaryDirectory(
-            dir=plan.output_dir, prefix=f".{plan.folder_name}.stage-") as stage:
-        folder = stage_package(plan, Path(stage))
-        write_archive(folder, archive, _epoch(plan.manifest.get("created")))
-        digest = sha256_file(archive)
-        write_text_atomic(archive.with_name(archive.name + ".sha256"),
-                          f"{digest}  {archive.name}\n")
-        log.info("wrote %s (sha256 %s)", archive, digest)
-        extras = export_models(plan, folder, Path(stage), merge=merge, gguf=gguf,
-                               dtype=_merge_dtype(merge_dtype, plan.training_config))
-    inputs = {"adapter": plan.adapter_dir}
-    if plan.evaluation_path is not None:
-        inputs["evaluation"] = plan.evaluation_path
-    write_manifest(plan.output_dir, stage="package", inputs=describe_inputs(inputs),
+    """Package ``adapter_dir`` into ``output_dir/<name>-<version>.tar.gz`` (+ .sha256, manifest).
+
+    ``adapter_dir`` is a final_model/ dir, an extracted package, or a package archive.
+    """
+    with _adapter_source(adapter_dir) as (source_dir, source):
+        plan = plan_package(source_dir, output_dir, base_model=base_model, model_size=model_size,
+                            name=name, version=version, evaluation=evaluation)
+        archive = plan.archive
+        with _output_dir(plan.output_dir), tempfile.TemporaryDirectory(
+                dir=plan.output_dir, prefix=f".{plan.folder_name}.stage-") as stage:
+            folder = stage_package(plan, Path(stage))
+            write_archive(folder, archive, _epoch(plan.manifest.get("created")))
+            digest = sha256_file(archive)
+            write_text_atomic(archive.with_name(archive.name + ".sha256"),
+                              f"{digest}  {archive.name}\n")
+            log.info("wrote %s (sha256 %s)", archive, digest)
+            extras = export_models(plan, folder, Path(stage), merge=merge, gguf=gguf,
+                                   dtype=_merge_dtype(merge_dtype, plan.training_config))
+        inputs = {"adapter": source}
+        if plan.evaluation_path is not None:
+            inputs["evaluation"] = plan.evaluation_path
+        described = describe_inputs(inputs)
+    write_manifest(plan.output_dir, stage="package", inputs=described,
                    config={"name": plan.name, "version": plan.version,
                            "base_model": plan.base_model, "model_size": plan.model_size,
                            "merge": merge, "gguf": gguf},
@@ -613,7 +661,8 @@ def export_models(plan: PackagePlan, folder: Path, stage: Path, *, merge: bool, 
     return extras
 
 
-def merge_adapter(adapter_dir: Path, base_model: str, out_dir: Path, *, dtype: str = "auto") -> Path:
+def merge_adapter(adapter_dir: Path, base_model: str, out_dir: Path, *,
+                  dtype: str = "auto") -> Path:
     """Fold the LoRA weights into the (unquantized) base and save a plain safetensors model."""
     from llama_model import load_for_inference
 
@@ -628,11 +677,122 @@ def merge_adapter(adapter_dir: Path, base_model: str, out_dir: Path, *, dtype: s
     return out_dir
 
 
-def export_gguf(merged_dir: Path, out_path: Path) -> Path:
-    """Export a merged LLaMA-architecture model to GGUF (f16) with the gguf package."""
-    import llama_gguf_export
+def _gguf_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for how a byte-level BPE tokenizer splits text before merging."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [])
+              if p.get("type") == "Split"]
+    with contextlib.suppress(ImportError):
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import \
+            GGUF_PRE_TOKENIZER_SPLITS
+        for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+            if splits == [regex]:
+                return name
+    raise UsageError("--gguf supports byte-level BPE tokenizers (SmolLM2, Llama 3); for this "
+                     "one use llama.cpp's convert_hf_to_gguf.py on the merged model")
 
-    return llama_gguf_export.export(merged_dir, out_path)
+
+def _gguf_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special
+                         else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _permute_qk(weights, n_head: int):
+    """llama.cpp's rotary layout for q/k rows (transformers undoes it when loading)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _gguf_tensor(tensor_map, hf_name: str, data, n_head: int, n_kv: int):
+    """(GGUF name, array): matrices in f16 with q/k permuted, norms in f32."""
+    import numpy as np
+
+    name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise UsageError(f"--gguf: tensor {hf_name} has no GGUF name; use llama.cpp's "
+                         f"convert_hf_to_gguf.py")
+    if hf_name.endswith("q_proj.weight"):
+        data = _permute_qk(data, n_head)
+    elif hf_name.endswith("k_proj.weight"):
+        data = _permute_qk(data, n_kv)
+    return name, np.ascontiguousarray(data.astype(np.float16) if data.ndim > 1 else data)
+
+
+def export_gguf(merged_dir: Path, out_path: Path) -> Path:
+    """Export a merged LLaMA model (plain RoPE, byte-level BPE tokenizer) to GGUF f16."""
+    import gguf
+    from safetensors import safe_open
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if config.model_type != "llama" or rope.get("rope_type", "default") != "default":
+        raise UsageError(f"--gguf exports LLaMA models with plain RoPE; {merged_dir} is "
+                         f"{config.model_type} ({rope.get('rope_type')}); use llama.cpp's "
+                         f"convert_hf_to_gguf.py")
+    pre = _gguf_pre_tokenizer(json.loads((merged_dir / "tokenizer.json").read_text("utf-8")))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer.add_name(out_path.name.removesuffix(".f16.gguf"))
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        tokens, types = _gguf_vocab(tokenizer, config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(
+            writer, quiet=True)
+        for shard in sorted(merged_dir.glob("*.safetensors")):
+            with safe_open(shard, "pt") as fh:
+                for hf_name in tqdm(sorted(fh.keys()), desc=f"gguf {shard.name}", unit="tensor",
+                                    disable=None):
+                    data = fh.get_tensor(hf_name).float().numpy()
+                    writer.add_tensor(*_gguf_tensor(tensor_map, hf_name, data, n_head, n_kv))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    log.info("wrote %s", out_path)
+    return out_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,11 +837,6 @@ def _archive_errors(archive: Path) -> Iterator[None]:
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{archive} is not an intact .tar.gz ({exc or type(exc).__name__}); "
                         f"download or build it again") from None
-    except OSError as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise DataError(f"{archive} is not an intact .tar.gz ({exc}); download or build it "
-                        f"again") from None
 
 
 class _MemberCheck:
@@ -762,7 +917,10 @@ def _check_sidecar(archive: Path) -> str:
 
 def verify_package(archive: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    max_members: int = DEFAULT_MAX_MEMBERS) -> dict[str, Any]:
-    """Check integrity, allowlist and every checksum of a package; raises DataError. Writes nothing."""
+    """Check integrity, allowlist and every checksum of a package (raises DataError).
+
+    Nothing is written. A ``<archive>.sha256`` beside the archive is checked too.
+    """
     archive = Path(archive)
     if not archive.is_file():
         raise UsageError(f"package {archive} not found")
@@ -882,17 +1040,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--adapter-path", help="adapter directory to package (final_model/)")
+    mode.add_argument("--adapter-path",
+                      help="adapter dir to package (final_model/), or a package to re-package "
+                           "(e.g. with --merge)")
     mode.add_argument("--verify", metavar="PACKAGE", help="verify a package archive and exit")
     mode.add_argument("--extract", metavar="PACKAGE", help="verify and extract a package (--to)")
     parser.add_argument("--to", metavar="DIR", help="with --extract: where to put the package "
                         "folder")
     parser.add_argument("--base-model", default=None,
-                        help="base model id (default: the one the adapter dir records)")
+                        help="base model id (None: the one the adapter dir records)")
     parser.add_argument("--model-size", default=None,
-                        help="preset name (default: the one the adapter dir records)")
+                        help="preset name (None: the one the adapter dir records)")
     parser.add_argument("--output-dir", default="./packages", help="where the package goes")
-    parser.add_argument("--name", default=None, help="package name (default: llama-sft-<size>)")
+    parser.add_argument("--name", default=None, help="package name (None: llama-sft-<size>)")
     parser.add_argument("--version", default="0.1.0", help="package version")
     parser.add_argument("--evaluation", default=None, metavar="REPORT",
                         help="llama_evaluate.py report to include and summarize")
@@ -906,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="upload the package to this hub repo (needs a token)")
     parser.add_argument("--public", action="store_true",
-                        help="with --push-to-hub: create a public repo (default private)")
+                        help="with --push-to-hub: create a public repo, not a private one")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help="verify/extract: cap on total uncompressed size")
     parser.add_argument("--max-members", type=int, default=DEFAULT_MAX_MEMBERS,

@@ -1,7 +1,6 @@
 """llama_package.py: build, verify, extract, merge, push; every refusal on hostile inputs."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import llama_package as lp
-from llama_io import EXIT_DATA, EXIT_USAGE, DataError, UsageError, read_json, write_manifest
+from llama_io import EXIT_DATA, EXIT_USAGE, DataError, read_json, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = "llama-sft-135m-0.1.0"
@@ -226,6 +225,40 @@ def test_users_exact_command_with_a_7b_adapter(copy_dir, tiny_adapter_dir, tmp_p
         archive_members(archive)["llama-sft-7b-0.1.0/README.md"].decode()
 
 
+def test_embedded_model_adapter_names_the_hub_id_not_the_cache_path(copy_dir, tiny_adapter_dir,
+                                                                     tmp_path, capsys):
+    """An adapter trained on the embedded model records its local cache dir; the package
+    names the hub id, and the user's command with a 7b base is refused in one line."""
+    from llama_config import EMBEDDED_MODEL_ID
+    from llama_model import embedded_model_dir
+
+    adapter = copy_dir(tiny_adapter_dir, "final_model")
+    peft_cfg = read_json(adapter / "adapter_config.json")
+    peft_cfg["base_model_name_or_path"] = str(embedded_model_dir())
+    (adapter / "adapter_config.json").write_text(json.dumps(peft_cfg))
+    cfg = read_json(adapter / "training_config.json")
+    cfg["base_model"] = EMBEDDED_MODEL_ID
+    (adapter / "training_config.json").write_text(json.dumps(cfg))
+    rewrite_manifest(adapter)
+
+    code = lp.main(["--adapter-path", str(adapter), "--base-model", "meta-llama/Llama-2-7b-hf",
+                    "--model-size", "7b", "--output-dir", str(tmp_path / "refused")])
+    assert code == EXIT_USAGE
+    assert one_line_error(capsys).endswith(
+        f"was trained on {EMBEDDED_MODEL_ID!r}, not 'meta-llama/Llama-2-7b-hf'; "
+        f"pass --base-model {EMBEDDED_MODEL_ID} (or leave it out)")
+    assert not (tmp_path / "refused").exists()
+
+    for base in (EMBEDDED_MODEL_ID, str(embedded_model_dir())):
+        archive = lp.build_package(adapter, tmp_path / "out", base_model=base, model_size="135m")
+        members = archive_members(archive)
+        assert json.loads(members[f"{FOLDER}/adapter_config.json"])[
+            "base_model_name_or_path"] == EMBEDDED_MODEL_ID
+        meta = json.loads(members[f"{FOLDER}/metadata.json"])
+        assert (meta["base_model"], meta["license"]) == (EMBEDDED_MODEL_ID, "apache-2.0")
+        assert str(embedded_model_dir()) not in members[f"{FOLDER}/README.md"].decode()
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--base-model", "meta-llama/Llama-2-7b-hf", "--model-size", "7b"], "was trained on"),
     (["--model-size", "7b"], "--model-size 135m"),
@@ -273,7 +306,8 @@ def test_evaluation_and_data_hashes_go_into_metadata_and_readme(copy_dir, tiny_a
     members = archive_members(archive)
     assert members["bot-2.0/evaluation.json"] == report.read_bytes()
     meta = json.loads(members["bot-2.0/metadata.json"])
-    assert meta["data"] == {"dataset": {"file": "sft_dataset.jsonl", "bytes": dataset.stat().st_size,
+    assert meta["data"] == {"dataset": {"file": "sft_dataset.jsonl",
+                                        "bytes": dataset.stat().st_size,
                                         "sha256": lp.sha256_file(dataset)}}
     assert meta["evaluation"] == {
         "finetuned": {"examples": 8, "exact_match": 0.75, "rouge_l": 0.5},
@@ -301,6 +335,18 @@ def test_harmless_unknown_files_are_skipped_with_a_log_line(copy_dir, tiny_adapt
     assert "skipping inside.json (not in the package allowlist)" in caplog.text
     names = {n.split("/", 1)[1] for n in archive_members(archive)}
     assert names == PACKAGE_FILES
+
+
+def test_a_package_repackages_to_the_same_bytes(package, tmp_path):
+    """--adapter-path accepts a package (as the README's merge command uses it)."""
+    again = lp.build_package(package, tmp_path / "out")
+    assert again.read_bytes() == package.read_bytes()
+    assert read_json(tmp_path / "out" / "manifest.json")["inputs"]["adapter"]["sha256"] == \
+        lp.sha256_file(package)
+    extracted = lp.extract_package(package, tmp_path / "x")
+    (extracted / "prompt_format.json").write_text('{"style": "instruction"}\n')
+    with pytest.raises(DataError, match="prompt_format.json does not match SHA256SUMS"):
+        lp.build_package(extracted, tmp_path / "out2")
 
 
 def test_changed_adapter_file_fails_against_its_manifest(copy_dir, tiny_adapter_dir, tmp_path,
@@ -559,22 +605,34 @@ def test_verify_reports_contents(package):
 # ---------------------------------------------------------------------------------------------
 # Merge and hub
 
-def test_merge_writes_a_plain_model_with_the_same_greedy_outputs(tiny_adapter_dir, tmp_path):
+@pytest.fixture(scope="module")
+def merged_package(tiny_adapter_dir, tmp_path_factory) -> Path:
+    """``--merge --gguf`` through main(), once: the output dir."""
+    out_dir = tmp_path_factory.mktemp("merged") / "packages"
+    assert lp.main(["--adapter-path", str(tiny_adapter_dir), "--output-dir", str(out_dir),
+                    "--merge", "--gguf"]) == 0
+    return out_dir
+
+
+def test_merge_writes_a_plain_model_with_the_same_greedy_outputs(tiny_adapter_dir,
+                                                                  merged_package):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from llama_model import generate_batch, load_for_inference
 
-    out_dir = tmp_path / "out"
-    assert lp.main(["--adapter-path", str(tiny_adapter_dir), "--output-dir", str(out_dir),
-                    "--merge"]) == 0
-    merged_dir = out_dir / f"{FOLDER}-merged"
+    merged_dir = merged_package / f"{FOLDER}-merged"
+    assert {p.name for p in merged_package.iterdir()} == {
+        ARCHIVE, f"{ARCHIVE}.sha256", "manifest.json", merged_dir.name, f"{FOLDER}.f16.gguf"}
     assert {"config.json", "model.safetensors", "tokenizer.json", "prompt_format.json"} <= \
         {p.name for p in merged_dir.iterdir()}
     with safe_open(merged_dir / "model.safetensors", "pt") as fh:
         assert not [k for k in fh.keys() if "lora" in k]
-    assert read_json(out_dir / "manifest.json")["package"]["merged_model"] == merged_dir.name
+    manifest = read_json(merged_package / "manifest.json")
+    assert manifest["package"]["merged_model"] == merged_dir.name
+    assert manifest["package"]["gguf"] == f"{FOLDER}.f16.gguf"
+    assert f"{merged_dir.name}/model.safetensors" in manifest["files"]
 
     loaded = load_for_inference(tiny_adapter_dir, dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -584,6 +642,42 @@ def test_merge_writes_a_plain_model_with_the_same_greedy_outputs(tiny_adapter_di
     got = generate_batch(merged, loaded.tokenizer, prompts, max_new_tokens=10)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert all(len(w.token_ids) > 0 for w in want)
+
+
+def test_gguf_loads_back_with_transformers_and_matches_the_merged_logits(merged_package):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = merged_package / f"{FOLDER}-merged"
+    gguf_name = f"{FOLDER}.f16.gguf"
+    from_gguf = AutoModelForCausalLM.from_pretrained(merged_package, gguf_file=gguf_name,
+                                                     dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    text = "<|im_start|>user\nExtract the order number: #1042, ünïcode  ok\n<|im_end|>"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    gguf_tokenizer = AutoTokenizer.from_pretrained(merged_package, gguf_file=gguf_name)
+    assert gguf_tokenizer(text)["input_ids"] == ids[0].tolist()
+    assert gguf_tokenizer.eos_token == tokenizer.eos_token
+    with torch.inference_mode():
+        exact = reference(ids).logits
+        for param in reference.parameters():    # the f16 rounding GGUF f16 stores
+            if param.ndim > 1:
+                param.copy_(param.half().float())
+        rounded = reference(ids).logits
+        got = from_gguf(ids).logits
+    assert torch.allclose(got, rounded, atol=1e-5)
+    assert torch.allclose(got, exact, atol=1e-2)
+    assert (got.argmax(-1) == exact.argmax(-1)).all()
+
+
+def test_summarize_evaluation_reads_flat_reports_too():
+    summary = lp.summarize_evaluation({"exact_match": 0.5, "bleu": 12.0, "ok": True})
+    assert summary["finetuned"] == {"exact_match": 0.5, "bleu": 12.0}
+    assert summary["base"] is None and summary["delta"] is None
+    assert "| bleu | 12.0000 |  |  |" in lp.evaluation_table(summary)
+    with pytest.raises(DataError):
+        lp.summarize_evaluation([1, 2])
 
 
 class FakeHub:
