@@ -164,8 +164,7 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, Any], num_items):
-        out = self.model(**batch, use_cache=False, num_items_in_batch=num_items)
-        return out.loss
+        return supervised_loss(self.model, batch, num_items)
 
     def train_step(self, micro: list[list[Encoded]]) -> dict[str, float]:
         import torch
@@ -218,9 +217,7 @@ class Trainer:
                 n = sum(e.num_supervised for e in chunk)
                 batch = {k: v.to(self.acc.device) for k, v in
                          collate(chunk, pad_id, self.cfg.data.packing).items()}
-                out = self.model(**batch, use_cache=False,
-                                 num_items_in_batch=torch.tensor(float(n)))
-                loss_sum += float(out.loss) * n
+                loss_sum += float(supervised_loss(self.model, batch, n)) * n
                 items += n
         if self.world > 1:
             totals = self.acc.reduce(torch.tensor([loss_sum, float(items)], device=self.acc.device),
@@ -568,6 +565,24 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+def supervised_loss(model, batch: dict[str, Any], num_items):
+    """Summed cross-entropy over supervised tokens, divided by ``num_items``.
+
+    Logits are computed only where a label is supervised (``logits_to_keep`` with a boolean
+    mask), so the vocabulary projection skips prompt and padding positions: on SFT data, where
+    most tokens are prompt, that is most of the lm_head's work and its fp32 logits' memory.
+    """
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = targets != -100
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum") / num_items
+
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (renamed into place, with a state file), oldest first."""

@@ -223,3 +223,23 @@ def test_sigterm_writes_complete_checkpoint_then_resume(tiny_model_dir, data, tm
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
     assert state["step"] == int(ckpts[0].name.split("-")[1]) >= 2
     assert "--resume auto" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_supervised_loss_equals_full_logits_loss(tiny_model_dir, packing):
+    """Logits only at supervised positions give the same loss as transformers' own."""
+    import torch
+
+    from llama_dataset import PromptFormat, collate, encode_records
+    from llama_model import load_base_model, load_tokenizer
+    from llama_trainer import supervised_loss
+
+    model = load_base_model(str(tiny_model_dir), dtype="float32")
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, _ = encode_records(tok, PromptFormat.for_tokenizer(tok), make_records(5), 256)
+    n = sum(e.num_supervised for e in examples)
+    batch = collate(examples, tok.pad_token_id, packing)
+    with torch.no_grad():
+        reference = model(**batch, use_cache=False).loss
+        ours = supervised_loss(model, batch, n)
+    assert abs(float(reference) - float(ours)) < 1e-5
