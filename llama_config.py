@@ -348,7 +348,11 @@ def resolve_config(model_size: str | None = None, *, file_values: dict[str, Any]
     if merged["quantization"] == "4bit" and merged["method"] == "lora":
         merged["method"] = "qlora"
     if merged["method"] == "full":
-        merged["quantization"] = "none"
+        explicit = {**file_values, **overrides}.get("quantization", "none")
+        if explicit != "none":
+            raise ConfigError("method 'full' cannot train a quantized model; drop "
+                              "--use-4bit/--use-8bit or use --method lora")
+        merged["quantization"] = "none"  # the preset's default quantization is for LoRA
     sections = {name: cls(**{f.name: merged[f.name] for f in fields(cls)})
                 for name, cls in SECTIONS.items()}
     return RunConfig(**sections)
