@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Batched vs one-at-a-time generation: speed, and whether greedy outputs are identical.
+
+    python3 benchmarks/bench_generation.py                         # embedded SmolLM2-135M, fp32
+    python3 benchmarks/bench_generation.py --tiny                  # a random tiny LLaMA (seconds)
+    python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 8 \\
+        --num-prompts 16 --max-new-tokens 32
+
+Both runs use ``llama_model.generate_batch`` (left padding, KV cache, greedy) on the same prompts,
+built with the chat template as evaluation builds them. The result goes to
+``benchmarks/results/generation.json`` with the machine it ran on. Measure the identity check in
+float32: in bf16, left padding changes the numerics enough that some greedy outputs differ; the
+result counts how many differ and where the first differing token is.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llama_io import UsageError, run_main, write_json  # noqa: E402
+
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "generation.json"
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+    "Translate 'good morning' into Spanish and German.",
+    "Summarize the plot of Romeo and Juliet in one sentence, mentioning both families by name.",
+    "Classify the sentiment of this review as positive or negative: the battery died in a day.",
+    "Give a short definition of machine learning for a ten-year-old.",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None,
+                       help="model directory or hub id; None: the embedded SmolLM2-135M-Instruct")
+    which.add_argument("--tiny", action="store_true",
+                       help="a random 2-layer LLaMA with the embedded tokenizer (a quick check)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (float32 for the identity check)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts (cycled from a list)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batched call")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation limit")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="result JSON file")
+    return parser
+
+
+def build_tiny_model(out_dir: Path) -> Path:
+    """A random-weight 2-layer LlamaForCausalLM saved with the embedded model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llama_model import ensure_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    from llama_io import library_versions
+
+    return {"platform": platform.platform(), "processor": platform.processor() or None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "versions": library_versions()}
+
+
+def timed_generation(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int,
+                     max_new_tokens: int) -> tuple[list[list[int]], float]:
+    """Token ids per prompt and the wall time, generating ``batch_size`` prompts per call."""
+    from tqdm.auto import tqdm
+
+    from llama_model import generate_batch
+
+    outputs: list[list[int]] = []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"batch size {batch_size}",
+                  unit="call", leave=False):
+        results = generate_batch(model, tokenizer, prompts[i:i + batch_size],
+                                 max_new_tokens=max_new_tokens)
+        outputs.extend(r.token_ids for r in results)
+    return outputs, time.perf_counter() - start
+
+
+def compare_outputs(one: list[list[int]], batched: list[list[int]]) -> list[dict[str, int]]:
+    """Prompts whose token ids differ, with the first differing position."""
+    differ = []
+    for index, (a, b) in enumerate(zip(one, batched)):
+        if a != b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            differ.append({"prompt": index, "first_diff_token": first})
+    return differ
+
+
+def benchmark(model_path: str, args) -> dict[str, Any]:
+    from llama_dataset import PromptFormat
+    from llama_model import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_base_model(model_path, dtype=args.dtype)
+    model.eval()
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_prompts)]
+    prompts = [fmt.encode_prompt(tokenizer, t) for t in texts]
+    timed_generation(model, tokenizer, prompts[:1], 1, 2)  # warm-up
+    one, one_s = timed_generation(model, tokenizer, prompts, 1, args.max_new_tokens)
+    batched, batched_s = timed_generation(model, tokenizer, prompts, args.batch_size,
+                                          args.max_new_tokens)
+    one_tokens, batched_tokens = sum(map(len, one)), sum(map(len, batched))
+    differ = compare_outputs(one, batched)
+    one_tps, batched_tps = one_tokens / one_s, batched_tokens / batched_s
+    return {
+        "model": model_path, "dtype": args.dtype, "num_prompts": args.num_prompts,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+        "one_at_a_time": {"seconds": one_s, "generated_tokens": one_tokens,
+                          "tokens_per_second": one_tps},
+        "batched": {"seconds": batched_s, "generated_tokens": batched_tokens,
+                    "tokens_per_second": batched_tps},
+        "speedup": batched_tps / one_tps,
+        "identical": not differ, "num_differ": len(differ), "differ": differ,
+        "machine": machine_info()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        args = build_parser().parse_args(argv)
+        problems = [f"--{name.replace('_', '-')} must be > 0" for name in
+                    ("num_prompts", "batch_size", "max_new_tokens") if getattr(args, name) <= 0]
+        if problems:
+            raise UsageError("; ".join(problems))
+        from llama_config import EMBEDDED_MODEL_ID
+
+        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
+            model_path = str(build_tiny_model(Path(tmp))) if args.tiny else \
+                args.model or EMBEDDED_MODEL_ID
+            result = benchmark(model_path, args)
+        if args.tiny:
+            result["model"] = "tiny random LLaMA (2 layers, hidden 64)"
+        write_json(args.output, result)
+        print(f"one at a time: {result['one_at_a_time']['tokens_per_second']:.1f} tokens/s; "
+              f"batched (batch {args.batch_size}): {result['batched']['tokens_per_second']:.1f} "
+              f"tokens/s; speed-up x{result['speedup']:.2f}")
+        print(f"greedy outputs identical: {result['identical']} "
+              f"({result['num_differ']} of {args.num_prompts} differ, {args.dtype})")
+        print(f"result written to {args.output}")
+        return 0
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
