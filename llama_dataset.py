@@ -168,7 +168,15 @@ def encode_example(tokenizer, fmt: PromptFormat, record: dict[str, Any], max_len
     if eos is None:
         raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
     prompt = fmt.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
-    response = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"]) + [eos]
+    response = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
+    return assemble_example(prompt, response, eos, max_length, policy)
+
+
+def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
+                     max_length: int, policy: str = "truncate") -> Encoded | None:
+    """Join tokenized prompt and response (EOS appended) under ``encode_example``'s rules."""
+    prompt = list(prompt_ids)
+    response = list(response_ids) + [eos_id]
     truncated = False
     if len(prompt) + len(response) > max_length:
         if policy == "drop":
@@ -180,6 +188,34 @@ def encode_example(tokenizer, fmt: PromptFormat, record: dict[str, Any], max_len
     if not response:
         return None
     return Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response, truncated)
+
+
+def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], max_length: int,
+                 policy: str = "truncate") -> list[Encoded | None]:
+    """``encode_example`` for many records at once, one fast-tokenizer batch call per side.
+
+    Returns one entry per record (None where ``encode_example`` would return None); the token
+    ids are identical to ``encode_example``'s.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
+    prompt_ids, response_ids = tokenize_batch(tokenizer, fmt, records)
+    return [assemble_example(p, r, eos, max_length, policy)
+            for p, r in zip(prompt_ids, response_ids)]
+
+
+def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and response ids (no EOS) of many records, one batch call per side."""
+    if not records:
+        return [], []
+    prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=fmt.adds_special_tokens,
+                           return_attention_mask=False)["input_ids"]
+    response_ids = tokenizer([r["response"] for r in records], add_special_tokens=False,
+                             return_attention_mask=False)["input_ids"]
+    return [list(p) for p in prompt_ids], [list(r) for r in response_ids]
 
 
 def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any]],
