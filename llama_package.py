@@ -8,11 +8,14 @@
         --name support-bot --version 1.2.0 --evaluation ./final_evaluation.json --merge --gguf
     python3 llama_package.py --adapter-path ./training_output/final_model --output-dir ./packages \\
         --push-to-hub your-name/support-bot            # needs `huggingface-cli login` or HF_TOKEN
+    python3 llama_package.py --adapter-path ./packages/support-bot-1.2.0.tar.gz \
+        --output-dir ./merged --merge                   # merge (or re-package) a package
     python3 llama_package.py --verify ./packages/support-bot-1.2.0.tar.gz
     python3 llama_package.py --extract ./packages/support-bot-1.2.0.tar.gz --to ./unpacked
 
 ``--base-model`` and ``--model-size`` default to what the adapter directory records; naming another
-base is an error (exit 2). The archive ``<name>-<version>.tar.gz`` holds one folder
+base is an error (exit 2). ``--adapter-path`` may also be a package (verified, then extracted to a
+temporary directory); re-packaging a package gives the same bytes. The archive ``<name>-<version>.tar.gz`` holds one folder
 ``<name>-<version>/`` with only allowlisted files: the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``), tokenizer files and chat template, ``prompt_format.json``,
 ``metadata.json``, a generated ``README.md``, ``requirements.txt``, ``evaluation.json`` (when
@@ -21,8 +24,9 @@ base is an error (exit 2). The archive ``<name>-<version>.tar.gz`` holds one fol
 The same inputs give a byte-identical archive; ``<archive>.sha256`` beside it works with
 ``sha256sum -c``. ``--merge`` also writes ``<name>-<version>-merged/`` (LoRA folded into the base,
 safetensors, loads with plain ``AutoModelForCausalLM``); ``--gguf`` writes
-``<name>-<version>.f16.gguf`` from the merged model. The output dir gets ``manifest.json``
-(stage "package").
+``<name>-<version>.f16.gguf`` from the merged model (LLaMA with plain RoPE and a byte-level BPE
+tokenizer, e.g. SmolLM2 or Llama 3; others: llama.cpp's convert_hf_to_gguf.py). The output dir
+gets ``manifest.json`` (stage "package").
 
 ``--verify`` checks gzip/tar integrity, the allowlist, member types and paths, size caps and every
 checksum without writing anything. ``--extract`` verifies first, then extracts with tarfile's
@@ -388,7 +392,8 @@ def read_adapter_records(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, A
     inputs = {k: {"path": v.get("file", ""), **v} for k, v in (meta.get("data") or {}).items()}
     manifest = {"created": meta.get("created"), "config": training_config, "inputs": inputs,
                 "versions": (meta.get("versions") or {}).get("training") or {},
-                "git_commit": meta.get("pipeline_git_commit")}
+                "git_commit": meta.get("pipeline_git_commit"),
+                "training_metrics": meta.get("training_metrics")}
     return training_config, manifest
 
 
@@ -432,7 +437,8 @@ def build_metadata(*, name: str, version: str, base_model: str, model_size: str,
         "adapter": {k: adapter_cfg.get(k) for k in ("peft_type", "task_type", "r", "lora_alpha",
                                                      "lora_dropout", "target_modules")},
         "training_config": training_config or manifest.get("config") or {},
-        "training_metrics": read_json(metrics_path) if metrics_path.is_file() else None,
+        "training_metrics": read_json(metrics_path) if metrics_path.is_file()
+        else manifest.get("training_metrics"),
         "data": data_hashes(adapter_dir, manifest),
         "evaluation": evaluation,
         "versions": {"training": manifest.get("versions") or {}, "packaging": library_versions()},
@@ -457,6 +463,13 @@ def write_sums(folder: Path) -> None:
     (folder / SUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _readable(path: Path) -> None:
+    """mkstemp/mkdtemp give 0600/0700; published outputs get the usual modes (less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_archive(folder: Path, archive: Path, mtime: int) -> None:
     """A reproducible .tar.gz of ``folder``: sorted, fixed owner/mode/mtime, bare gzip header."""
     from tqdm import tqdm
@@ -474,6 +487,7 @@ def write_archive(folder: Path, archive: Path, mtime: int) -> None:
                 info.uname = info.gname = ""
                 with open(folder / name, "rb") as fh:
                     tar.addfile(info, fh)
+        _readable(Path(tmp))
         os.replace(tmp, archive)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -618,8 +632,9 @@ def build_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
             folder = stage_package(plan, Path(stage))
             write_archive(folder, archive, _epoch(plan.manifest.get("created")))
             digest = sha256_file(archive)
-            write_text_atomic(archive.with_name(archive.name + ".sha256"),
-                              f"{digest}  {archive.name}\n")
+            sidecar = archive.with_name(archive.name + ".sha256")
+            write_text_atomic(sidecar, f"{digest}  {archive.name}\n")
+            _readable(sidecar)
             log.info("wrote %s (sha256 %s)", archive, digest)
             extras = export_models(plan, folder, Path(stage), merge=merge, gguf=gguf,
                                    dtype=_merge_dtype(merge_dtype, plan.training_config))
@@ -633,6 +648,7 @@ def build_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
                            "merge": merge, "gguf": gguf},
                    extra={"package": {"archive": archive.name, "sha256": digest,
                                       "files": plan.files, **extras}})
+    _readable(plan.output_dir / "manifest.json")
     return archive
 
 
@@ -673,6 +689,8 @@ def merge_adapter(adapter_dir: Path, base_model: str, out_dir: Path, *,
         merged.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         loaded.prompt_format.save(tmp)
+        for path in (tmp, *tmp.iterdir()):
+            _readable(path)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -786,6 +804,7 @@ def export_gguf(merged_dir: Path, out_path: Path) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        _readable(Path(tmp))
         os.replace(tmp, out_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -89,6 +89,9 @@ def test_main_packages_verifies_and_extracts(tiny_adapter_dir, tiny_model_dir, t
     archive = out_dir / ARCHIVE
     assert capsys.readouterr().out.strip() == str(archive)
     assert {p.name for p in out_dir.iterdir()} == {ARCHIVE, f"{ARCHIVE}.sha256", "manifest.json"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (archive.stat().st_mode & 0o777) == 0o666 & ~umask
 
     members = archive_members(archive)
     assert sorted(members) == sorted(f"{FOLDER}/{f}" for f in PACKAGE_FILES)
@@ -337,8 +340,14 @@ def test_harmless_unknown_files_are_skipped_with_a_log_line(copy_dir, tiny_adapt
     assert names == PACKAGE_FILES
 
 
-def test_a_package_repackages_to_the_same_bytes(package, tmp_path):
+def test_a_package_repackages_to_the_same_bytes(copy_dir, tiny_adapter_dir, tmp_path):
     """--adapter-path accepts a package (as the README's merge command uses it)."""
+    adapter = copy_dir(tiny_adapter_dir, "final_model")
+    (adapter / "metrics_summary.json").write_text('{"steps": 80, "best_eval_loss": 1.5}')
+    rewrite_manifest(adapter)
+    package = lp.build_package(adapter, tmp_path / "first")
+    meta = json.loads(archive_members(package)[f"{FOLDER}/metadata.json"])
+    assert meta["training_metrics"] == {"steps": 80, "best_eval_loss": 1.5}
     again = lp.build_package(package, tmp_path / "out")
     assert again.read_bytes() == package.read_bytes()
     assert read_json(tmp_path / "out" / "manifest.json")["inputs"]["adapter"]["sha256"] == \
