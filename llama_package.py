@@ -8,15 +8,17 @@
         --name support-bot --version 1.2.0 --evaluation ./final_evaluation.json --merge --gguf
     python3 llama_package.py --adapter-path ./training_output/final_model --output-dir ./packages \\
         --push-to-hub your-name/support-bot            # needs `huggingface-cli login` or HF_TOKEN
-    python3 llama_package.py --adapter-path ./packages/support-bot-1.2.0.tar.gz \
+    python3 llama_package.py --adapter-path ./packages/support-bot-1.2.0.tar.gz \\
         --output-dir ./merged --merge                   # merge (or re-package) a package
     python3 llama_package.py --verify ./packages/support-bot-1.2.0.tar.gz
     python3 llama_package.py --extract ./packages/support-bot-1.2.0.tar.gz --to ./unpacked
 
 ``--base-model`` and ``--model-size`` default to what the adapter directory records; naming another
 base is an error (exit 2). ``--adapter-path`` may also be a package (verified, then extracted to a
-temporary directory); re-packaging a package gives the same bytes. The archive ``<name>-<version>.tar.gz`` holds one folder
-``<name>-<version>/`` with only allowlisted files: the adapter (``adapter_config.json``,
+temporary directory); re-packaging a package gives the same bytes.
+
+The archive ``<name>-<version>.tar.gz`` holds one folder ``<name>-<version>/`` with only
+allowlisted files: the adapter (``adapter_config.json``,
 ``adapter_model.safetensors``), tokenizer files and chat template, ``prompt_format.json``,
 ``metadata.json``, a generated ``README.md``, ``requirements.txt``, ``evaluation.json`` (when
 ``--evaluation`` is given) and ``SHA256SUMS``. Pickles, optimizer states, ``wandb/``, ``.env``,
