@@ -71,11 +71,18 @@ def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -
     write_text_atomic(path, text)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -107,6 +114,7 @@ def atomic_output_dir(final: str | os.PathLike, *, overwrite: bool = True) -> It
     if final.exists() and not overwrite:
         raise UsageError(f"{final} already exists; pass --overwrite or choose another path")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if final.exists():
