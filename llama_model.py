@@ -143,6 +143,18 @@ def resolve_model_path(name_or_path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+def quiet_library_noise() -> None:
+    """Silence third-party messages that say nothing actionable to a user of this pipeline."""
+    import logging
+    import warnings
+
+    # bitsandbytes looks for an optional hub kernel on AVX512-BF16 CPUs and warns when offline.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+quiet_library_noise()
+
 def choose_dtype(requested: str = "auto"):
     """bf16 where supported (CUDA Ampere+, and CPU, where it is ~4x faster), fp16 on older GPUs."""
     import torch
@@ -246,15 +258,37 @@ def check_adapter_dir(adapter_dir: str | os.PathLike, base_model: str | None = N
         raise DataError(f"{cfg_path} is not valid JSON: {exc}") from None
     if "auto_map" in cfg:
         raise DataError(f"{cfg_path} has auto_map (custom code); refusing to load it")
-    for name in ("tokenizer_config.json", "tokenizer.json"):
-        tok_path = adapter_dir / name
-        if tok_path.is_symlink() and not tok_path.resolve().is_relative_to(adapter_dir.resolve()):
-            raise DataError(f"{tok_path} points outside the adapter directory; refusing it")
+    _check_adapter_files(adapter_dir)
     recorded = cfg.get("base_model_name_or_path")
     if base_model and recorded and not _same_base(recorded, base_model):
         raise UsageError(f"adapter {adapter_dir} was trained on {recorded!r}, not {base_model!r}; "
                          f"pass --base-model {recorded}")
     return cfg
+
+
+def _check_adapter_files(adapter_dir: Path) -> None:
+    """No file may lead outside the adapter dir, and the tokenizer may not bring its own code."""
+    root = adapter_dir.resolve()
+    for path in sorted(adapter_dir.iterdir()):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise DataError(f"{path} points outside the adapter directory "
+                            f"({os.readlink(path)}); refusing it")
+    tok_cfg_path = adapter_dir / "tokenizer_config.json"
+    if not tok_cfg_path.is_file():
+        return
+    try:
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{tok_cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(tok_cfg, dict):
+        raise DataError(f"{tok_cfg_path} must hold a JSON object")
+    if "auto_map" in tok_cfg:
+        raise DataError(f"{tok_cfg_path} has auto_map (custom tokenizer code); refusing to load it")
+    for key, value in sorted(tok_cfg.items()):
+        if key.endswith("_file") and isinstance(value, str) and value \
+                and not (adapter_dir / value).resolve().is_relative_to(root):
+            raise DataError(f"{tok_cfg_path}: {key} names a file outside the adapter directory "
+                            f"({value}); refusing it")
 
 
 def _same_base(recorded: str, requested: str) -> bool:
