@@ -616,3 +616,25 @@ def test_bench_prep_smoke(tmp_path, tok):
     assert row["records_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert set(row["phases_s"]) == {"read", "tokenize", "split", "decontaminate", "write"}
     assert result["machine"]["cpu_count"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the committed demo data and sft_output/ are exactly what the generator and prep make
+
+def test_committed_demo_data_and_sft_output_are_reproducible(tmp_path, embedded_dir, monkeypatch):
+    demo_file = ROOT / "data" / "demo_enriched.jsonl"
+    assert demo.main(["--output", str(tmp_path / "demo.jsonl")]) == 0
+    assert (tmp_path / "demo.jsonl").read_bytes() == demo_file.read_bytes()
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sft_output"
+    assert prep.main(["--enriched", "data/demo_enriched.jsonl", "--output-dir", str(out)]) == 0
+    committed = ROOT / "sft_output"
+    for name in prep.OUTPUT_FILES:
+        if name != "manifest.json":
+            assert (out / name).read_bytes() == (committed / name).read_bytes(), name
+    new, old = (json.loads((d / "manifest.json").read_text()) for d in (out, committed))
+    assert new["files"] == old["files"] and new["inputs"] == old["inputs"]
+    report = json.loads((committed / "prep_report.json").read_text())
+    assert report["splits"]["golden"] == 150
+    assert all(0.04 <= report["splits"][s] / report["counts"]["kept"] <= 0.06
+               for s in ("val", "test"))
