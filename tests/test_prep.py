@@ -609,7 +609,8 @@ def test_bench_prep_smoke(tmp_path, tok):
 
     out = tmp_path / "prep.json"
     assert bench_prep.main(["--sizes", "200", "--output", str(out), "--tokenizer", tok,
-                            "--in-process"]) == 0
+                            "--data-dir", str(tmp_path / "data"), "--in-process"]) == 0
+    assert (tmp_path / "data" / "bench-200.jsonl").is_file()
     result = json.loads(out.read_text())
     row = result["runs"][0]
     assert row["records"] == 200 and row["kept"] > 150
