@@ -115,15 +115,14 @@ def validate_args(args) -> ChatSettings:
     return settings
 
 
-def answer(loaded, instruction: str, context: str, settings: ChatSettings, *, stream: bool = True):
+def answer(loaded, instruction: str, context: str, settings: ChatSettings):
     """Generate one answer in the training prompt format, streaming it to stdout."""
     from transformers import TextStreamer
 
     from llama_model import generate_batch
 
     prompt = loaded.prompt_format.encode_prompt(loaded.tokenizer, instruction, context)
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True) \
-        if stream else None
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     return generate_batch(loaded.model, loaded.tokenizer, [prompt],
                           max_new_tokens=settings.max_new_tokens,
                           temperature=settings.temperature, top_p=settings.top_p,

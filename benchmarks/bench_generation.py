@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=16, help="prompts (cycled from a list)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batched call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation limit")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (None: torch's default); on a busy machine fewer "
+                             "threads than cores avoids oversubscription")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="result JSON file")
     return parser
 
@@ -116,9 +119,13 @@ def compare_outputs(one: list[list[int]], batched: list[list[int]]) -> list[dict
 
 
 def benchmark(model_path: str, args) -> dict[str, Any]:
+    import torch
+
     from llama_dataset import PromptFormat
     from llama_model import load_base_model, load_tokenizer
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(model_path)
     model = load_base_model(model_path, dtype=args.dtype)
     model.eval()
@@ -148,8 +155,10 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
         args = build_parser().parse_args(argv)
-        problems = [f"--{name.replace('_', '-')} must be > 0" for name in
-                    ("num_prompts", "batch_size", "max_new_tokens") if getattr(args, name) <= 0]
+        values = {name: getattr(args, name) for name in
+                  ("num_prompts", "batch_size", "max_new_tokens", "threads")}
+        problems = [f"--{name.replace('_', '-')} must be > 0, got {value}"
+                    for name, value in values.items() if value is not None and value <= 0]
         if problems:
             raise UsageError("; ".join(problems))
         from llama_config import EMBEDDED_MODEL_ID

@@ -87,7 +87,7 @@ def test_empty_piped_stdin_is_usage_error(tiny_adapter_dir, capsys, monkeypatch)
 def test_interactive_session(tiny_adapter_dir, capsys, monkeypatch):
     asked = []
 
-    def fake_answer(loaded, instruction, context, settings, stream=True):
+    def fake_answer(loaded, instruction, context, settings):
         asked.append((instruction, context))
 
     lines = iter(["/context some input", "first?", "", "/context", "second?", "/quit", "never"])

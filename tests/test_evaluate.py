@@ -217,6 +217,20 @@ def test_mismatched_base_model_exit_2(tmp_path, tiny_adapter_dir, golden, capsys
     assert not (tmp_path / "r.json").exists()
 
 
+def test_users_command_with_another_base_is_one_line_in_a_real_process(tmp_path, tiny_adapter_dir,
+                                                                      golden):
+    """As typed by the user, against an adapter trained on another base: one line, exit 2,
+    before any model library is imported (so no library noise on stderr)."""
+    command = [sys.executable, str(ROOT / "llama_evaluate.py"),
+               "--base-model", "meta-llama/Llama-2-7b-hf", "--adapter-path", str(tiny_adapter_dir),
+               "--dataset", str(golden), "--output", str(tmp_path / "final_evaluation.json"),
+               "--num-samples", "50", "--use-4bit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: adapter ")
+    assert result.stdout == "" and not (tmp_path / "final_evaluation.json").exists()
+
+
 def test_all_flag_problems_reported_at_once(tmp_path, capsys):
     rc = main(["--adapter-path", str(tmp_path / "nope"), "--dataset", str(tmp_path / "none.jsonl"),
                "--output", str(tmp_path), "--num-samples", "-1", "--num-return-sequences", "2",
