@@ -37,8 +37,9 @@ LLAMA2_SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] "
 def read_sft_jsonl(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
     """Read SFT records written by the prep stage; ``split`` keeps only that split.
 
-    A malformed line is an error naming ``file:line`` (exit 65): these files are produced by the
-    pipeline, so damage here means the file was edited or truncated.
+    A malformed line is an error naming ``file:line`` (exit 65), and for bytes that are not
+    UTF-8 also the byte offset in the file: these files are produced by the pipeline, so damage
+    here means the file was edited or truncated.
     """
     import jsonlines
 
@@ -46,17 +47,34 @@ def read_sft_jsonl(path: str | os.PathLike, split: str | None = None) -> list[di
     if not path.is_file():
         raise UsageError(f"dataset file not found: {path}")
     records = []
-    try:
-        with jsonlines.open(path) as reader:
-            for lineno, record in enumerate(reader.iter(skip_empty=True), start=1):
-                _check_record(record, path, lineno)
+    with open(path, "rb") as fh:
+        lines = _TrackedLines(fh)
+        try:
+            for record in jsonlines.Reader(lines).iter(skip_empty=True):
+                _check_record(record, path, lines.lineno)
                 if split is None or record.get("split") == split:
                     records.append(record)
-    except jsonlines.InvalidLineError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.__cause__ or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 at byte {exc.start}") from None
+        except jsonlines.InvalidLineError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, UnicodeDecodeError):
+                raise DataError(f"{path}:{exc.lineno}: not UTF-8 at byte offset "
+                                f"{lines.start + cause.start} (byte {cause.start} of the line)"
+                                ) from None
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({cause or exc})") from None
     return records
+
+
+class _TrackedLines:
+    """The lines of a binary file, remembering the current line's number and byte offset."""
+
+    def __init__(self, fh):
+        self.fh, self.lineno, self.start, self._end = fh, 0, 0, 0
+
+    def __iter__(self):
+        for raw in self.fh:
+            self.lineno += 1
+            self.start, self._end = self._end, self._end + len(raw)
+            yield raw
 
 
 def _check_record(record: Any, path: Path, lineno: int) -> None:
@@ -220,9 +238,16 @@ def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any
 
 def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any]],
                    max_length: int, policy: str = "truncate") -> tuple[list[Encoded], int]:
-    """Encode many records; returns the kept examples and how many were dropped."""
+    """Encode many records; returns the kept examples and how many were dropped.
+
+    Dropped: empty (whitespace-only) responses, examples over ``max_length`` that ``policy``
+    drops, and any example left with zero supervised tokens.
+    """
     kept, dropped = [], 0
     for record in records:
+        if not record["response"].strip():
+            dropped += 1              # an empty answer would only teach the model to stop
+            continue
         enc = encode_example(tokenizer, fmt, record, max_length, policy)
         if enc is None or enc.num_supervised == 0:
             dropped += 1

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from llama_config import DEFAULT_SIZE, PRESETS, load_config_file, resolve_config
-from llama_io import EXIT_GATE, EXIT_OK, HelpFormatter, UsageError, run_main
+from llama_io import EXIT_GATE, EXIT_OK, DataError, HelpFormatter, UsageError, run_main
 
 PRESET = "preset"
 
@@ -142,6 +142,9 @@ def run(args) -> int:
     for path in filter(None, (args.dataset, args.golden_set)):
         verify_file_against_manifest(path)
     records = read_sft_jsonl(args.dataset)
+    if not records:
+        raise DataError(f"0 valid examples in {args.dataset}: the file holds no records; "
+                        f"re-run pipeline_sft_prep.py")
     train = [r for r in records if r.get("split", "train") == "train"]
     evals = [r for r in records if r.get("split") == "val"]
     golden = read_sft_jsonl(args.golden_set) if args.golden_set else []

@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 from llama_config import RunConfig
 from llama_dataset import Encoded, PromptFormat, collate, encode_records, token_stats
-from llama_io import (EXIT_GATE, EXIT_INTERRUPTED, PipelineError, StorageError, UsageError,
-                      describe_inputs, now_iso, write_json, write_manifest)
+from llama_io import (EXIT_GATE, EXIT_INTERRUPTED, DataError, PipelineError, StorageError,
+                      UsageError, describe_inputs, now_iso, write_json, write_manifest)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -296,13 +296,8 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         import torch
-        from safetensors.torch import load_file
 
-        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
-        if missing:
-            raise UsageError(f"cannot resume from {path}: missing {', '.join(missing)} "
-                             f"(refusing to restart silently)")
-        state = json.loads((path / STATE_FILE).read_text())
+        state, weights, meta, opt_tensors, rng = read_checkpoint(path, set(self.state))
         saved_cfg, now_cfg = state.get("config", {}), self.cfg.to_dict()
         diff = sorted(k for k in set(saved_cfg) | set(now_cfg)
                       if k not in RESUME_MUTABLE and saved_cfg.get(k) != now_cfg.get(k))
@@ -312,17 +307,13 @@ class Trainer:
         if state.get("world_size", 1) != self.world:
             raise UsageError(f"cannot resume from {path}: written with {state['world_size']} "
                              f"processes, now {self.world}")
-        weights = load_file(path / "weights.safetensors")
         model = self.acc.unwrap_model(self.model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        meta = json.loads((path / "optimizer.json").read_text())
-        _load_optimizer_state(self.optimizer, self.trainable, load_file(path / "optimizer.safetensors"),
-                              meta["optimizer"])
+        _load_optimizer_state(self.optimizer, self.trainable, opt_tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
-        rng = load_file(path / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
@@ -344,8 +335,9 @@ class Trainer:
             shutil.copy2(best, self.out / best.name)
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
+            # a kill mid-append can leave a torn last line: it is dropped with the later rows
             rows = [line for line in metrics.read_text().splitlines()
-                    if json.loads(line)["step"] <= self.state["step"]]
+                    if (row := _json_row(line)) is not None and row["step"] <= self.state["step"]]
             metrics.write_text("".join(f"{r}\n" for r in rows))
 
     # -- best weights ----------------------------------------------------------------------------
@@ -465,9 +457,12 @@ class Trainer:
                     log(f"step {self.state['step'] + 1}: non-finite loss/grad, step skipped "
                         f"({self.state['bad_steps']}/{cfg.optim.max_bad_steps})")
                     if self.state["bad_steps"] > cfg.optim.max_bad_steps:
+                        good = list_checkpoints(self.out)
+                        newest = f" (newest checkpoint: {good[-1].name})" if good else ""
                         raise TrainingDiverged(
-                            f"training diverged: {self.state['bad_steps']} non-finite steps; no "
-                            f"checkpoint was saved. Lower --learning-rate or check the data")
+                            f"training diverged: {self.state['bad_steps']} non-finite steps, "
+                            f"over max_bad_steps {cfg.optim.max_bad_steps}; nothing non-finite "
+                            f"was saved{newest}. Lower --learning-rate or check the data")
                     continue
                 self.state["step"] += 1
                 self.state["tokens_seen"] += stats["tokens"] * self.world
@@ -549,18 +544,24 @@ class Trainer:
         from llama_io import atomic_output_dir
 
         model = self.acc.unwrap_model(self.model)
-        with atomic_output_dir(final) as tmp:
-            if hasattr(model, "peft_config"):
-                model.peft_config["default"].base_model_name_or_path = self.cfg.base_model
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            self.fmt.save(tmp)
-            write_json(tmp / "training_config.json", self.cfg.to_dict())
-            write_json(tmp / "metrics_summary.json", summary)
-            for junk in ("training_args.bin", "README.md"):
-                (tmp / junk).unlink(missing_ok=True)
-            write_manifest(tmp, stage=f"{self.stage}/final_model", inputs=self.inputs,
-                           config=self.cfg.to_dict())
+        try:
+            with atomic_output_dir(final) as tmp:
+                if hasattr(model, "peft_config"):
+                    model.peft_config["default"].base_model_name_or_path = self.cfg.base_model
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                self.fmt.save(tmp)
+                write_json(tmp / "training_config.json", self.cfg.to_dict())
+                write_json(tmp / "metrics_summary.json", summary)
+                for junk in ("training_args.bin", "README.md"):
+                    (tmp / junk).unlink(missing_ok=True)
+                write_manifest(tmp, stage=f"{self.stage}/final_model", inputs=self.inputs,
+                               config=self.cfg.to_dict())
+        except OSError as exc:
+            why = "disk full" if exc.errno == errno.ENOSPC else str(exc)
+            raise StorageError(f"could not write {final} ({why}); an earlier {final.name} and "
+                               f"the checkpoints are intact. Free space, then continue with "
+                               f"--resume auto") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +639,45 @@ def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
               for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def read_checkpoint(path: Path, state_keys: set[str]) -> tuple[dict[str, Any], ...]:
+    """(state, weights, optimizer meta, optimizer tensors, RNG) of a checkpoint, all read and
+    checked before anything is restored; missing or damaged state is refused, never skipped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+    if missing:
+        raise UsageError(f"cannot resume from {path}: missing {', '.join(missing)} "
+                         f"(refusing to restart silently)")
+    read = {}
+    for name in CHECKPOINT_FILES:
+        try:
+            read[name] = json.loads((path / name).read_text(encoding="utf-8")) \
+                if name.endswith(".json") else load_file(path / name)
+        except (ValueError, SafetensorError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise DataError(f"cannot resume from {path}: {name} is damaged ({exc}); resume "
+                            f"from an earlier checkpoint with --resume <dir>") from None
+    state, meta, rng = read[STATE_FILE], read["optimizer.json"], read["rng.safetensors"]
+    weights, opt_tensors = read["weights.safetensors"], read["optimizer.safetensors"]
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise DataError(f"cannot resume from {path}: {STATE_FILE} and optimizer.json must hold "
+                        f"JSON objects")
+    lacking = sorted((state_keys | {"python_rng", "config"}) - set(state))
+    lacking += [f"optimizer.json:{k}" for k in ("optimizer", "scheduler") if k not in meta]
+    lacking += [] if "torch" in rng else ["rng.safetensors:torch (the RNG state)"]
+    if lacking:
+        raise UsageError(f"cannot resume from {path}: the checkpoint lacks {', '.join(lacking)} "
+                         f"(refusing to restart silently)")
+    return state, weights, meta, opt_tensors, rng
+
+
+def _json_row(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _py_rng_state() -> dict[str, Any]:
