@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny model's ops are too small to gain from two threads, and on a loaded 2-core machine
+# OpenMP's spinning threads make every op many times slower. Child processes inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CATEGORIES = ("classification", "extraction", "qa")
 

@@ -3,6 +3,7 @@ each stage's main() reading what the previous one wrote, and every contract betw
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -105,8 +106,9 @@ def test_chain_on_tiny_model(enriched, tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_main_job_on_embedded_model(tmp_path):
     """The README's main job (run_pipeline.py) on the embedded SmolLM2 model and demo data."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "run_pipeline.py", "--workdir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline_summary.json").read_text())
     assert summary["pilot_verdict"] == "go"
