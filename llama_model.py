@@ -136,6 +136,9 @@ def _convert_gguf(gguf: Path, out: Path, verbose: bool) -> None:
 def resolve_model_path(name_or_path: str) -> str:
     """The embedded model id maps to its local directory; anything else is passed through."""
     if name_or_path == EMBEDDED_MODEL_ID:
+        # Everything about this model is local; keep peft/transformers from asking the hub
+        # about its id (they would wait on the network and warn when it is unreachable).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(ensure_embedded_model())
     return name_or_path
 
