@@ -52,6 +52,8 @@ class Preset:
     lora_target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     max_steps: int | None = None     # None: run num_epochs
+    max_eval_examples: int = 200     # cap on examples in each evaluation pass
+    max_new_tokens: int = 128        # generation length of the samples logged at evaluation
     num_gpus: int = 1                # GPUs the README recommends
     accelerate_config: str | None = None  # configs/accelerate/<file> for multi-GPU runs
     license: str = "llama2"
@@ -70,35 +72,41 @@ class Preset:
 # CPU demo, tuned here so the whole chain finishes in minutes on 2 cores.
 PRESETS: dict[str, Preset] = {
     "135m": Preset(  # SmolLM2-135M-Instruct, 134.5M params, LlamaForCausalLM, embedded default
-        name="135m", vocab_size=49152, hidden_size=576, num_layers=30, intermediate_size=1536, num_kv_heads=3, num_heads=9,
+        name="135m", vocab_size=49152,
+        hidden_size=576, num_layers=30, intermediate_size=1536, num_kv_heads=3, num_heads=9,
         base_model=EMBEDDED_MODEL_ID, params=134_515_008, min_gpu_memory_gb=0.0,
         recommended_gpu="none (runs on CPU)", lora_r=16, lora_alpha=32, lora_dropout=0.05,
-        batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3, num_epochs=1,
-        max_length=512, gradient_checkpointing=False, quantization="none", max_steps=80,
+        batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, num_epochs=1,
+        max_length=512, gradient_checkpointing=False, quantization="none", max_steps=60,
+        max_eval_examples=48, max_new_tokens=48,
         license="apache-2.0", source="measured on a 2-core CPU for the demo"),
     "1b": Preset(  # Llama-3.2-1B, 1.24B params
-        name="1b", vocab_size=128256, hidden_size=2048, num_layers=16, intermediate_size=8192, num_kv_heads=8, num_heads=32,
+        name="1b", vocab_size=128256,
+        hidden_size=2048, num_layers=16, intermediate_size=8192, num_kv_heads=8, num_heads=32,
         base_model="meta-llama/Llama-3.2-1B", params=1_235_814_400,
         min_gpu_memory_gb=8, recommended_gpu="RTX 3060 (12GB) or better", lora_r=64,
         lora_alpha=128, lora_dropout=0.0, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=3e-4, num_epochs=1, max_length=2048, gradient_checkpointing=True,
         quantization="none", license="llama3.2", source="torchtune llama3_2/1B_lora"),
     "3b": Preset(  # Llama-3.2-3B, 3.21B params
-        name="3b", vocab_size=128256, hidden_size=3072, num_layers=28, intermediate_size=8192, num_kv_heads=8, num_heads=24,
+        name="3b", vocab_size=128256,
+        hidden_size=3072, num_layers=28, intermediate_size=8192, num_kv_heads=8, num_heads=24,
         base_model="meta-llama/Llama-3.2-3B", params=3_212_749_824,
         min_gpu_memory_gb=12, recommended_gpu="RTX 4080 (16GB) or better", lora_r=64,
         lora_alpha=128, lora_dropout=0.0, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=3e-4, num_epochs=1, max_length=2048, gradient_checkpointing=True,
         quantization="none", license="llama3.2", source="torchtune llama3_2/3B_lora"),
     "7b": Preset(  # Llama-2-7b, 6.74B params
-        name="7b", hidden_size=4096, num_layers=32, intermediate_size=11008, num_kv_heads=32, num_heads=32,
+        name="7b",
+        hidden_size=4096, num_layers=32, intermediate_size=11008, num_kv_heads=32, num_heads=32,
         base_model="meta-llama/Llama-2-7b-hf", params=6_738_415_616,
         min_gpu_memory_gb=16, recommended_gpu="RTX 3090 (24GB) or better", lora_r=16,
         lora_alpha=32, lora_dropout=0.05, batch_size=4, gradient_accumulation_steps=4,
         learning_rate=2e-5, num_epochs=3, max_length=2048, gradient_checkpointing=True,
         quantization="4bit", source="user's guide"),
     "8b": Preset(  # Llama-3.1-8B, 8.03B params
-        name="8b", vocab_size=128256, hidden_size=4096, num_layers=32, intermediate_size=14336, num_kv_heads=8, num_heads=32,
+        name="8b", vocab_size=128256,
+        hidden_size=4096, num_layers=32, intermediate_size=14336, num_kv_heads=8, num_heads=32,
         base_model="meta-llama/Llama-3.1-8B", params=8_030_261_248,
         min_gpu_memory_gb=16, recommended_gpu="RTX 4090 (24GB) or better", lora_r=8,
         lora_alpha=16, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=8,
@@ -106,14 +114,16 @@ PRESETS: dict[str, Preset] = {
         quantization="4bit", license="llama3.1",
         source="torchtune llama3_1/8B_qlora_single_device"),
     "13b": Preset(  # Llama-2-13b, 13.0B params
-        name="13b", hidden_size=5120, num_layers=40, intermediate_size=13824, num_kv_heads=40, num_heads=40,
+        name="13b",
+        hidden_size=5120, num_layers=40, intermediate_size=13824, num_kv_heads=40, num_heads=40,
         base_model="meta-llama/Llama-2-13b-hf", params=13_015_864_320,
         min_gpu_memory_gb=24, recommended_gpu="A100 (40GB) or better", lora_r=32,
         lora_alpha=64, lora_dropout=0.05, batch_size=2, gradient_accumulation_steps=8,
         learning_rate=2e-5, num_epochs=3, max_length=2048, gradient_checkpointing=True,
         quantization="4bit", num_gpus=2, accelerate_config="fsdp.yaml", source="user's guide"),
     "70b": Preset(  # Llama-2-70b, 69.0B params
-        name="70b", hidden_size=8192, num_layers=80, intermediate_size=28672, num_kv_heads=8, num_heads=64,
+        name="70b",
+        hidden_size=8192, num_layers=80, intermediate_size=28672, num_kv_heads=8, num_heads=64,
         base_model="meta-llama/Llama-2-70b-hf", params=68_976_648_192,
         min_gpu_memory_gb=80, recommended_gpu="Multiple A100 (80GB) or H100", lora_r=64,
         lora_alpha=128, lora_dropout=0.05, batch_size=1, gradient_accumulation_steps=16,

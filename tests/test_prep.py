@@ -397,8 +397,9 @@ def test_golden_set_is_capped_at_a_fifth():
 
 def test_derive_training_config():
     values, how = prep.derive_training_config(100, [70, 130, 90], get_preset("135m"), 512)
-    assert values == {"eval_steps": 16, "max_length": 192, "save_steps": 16, "warmup_steps": 4}
-    assert (how["steps_per_epoch"], how["total_steps"], how["examples_per_step"]) == (13, 80, 8)
+    # 135m: batch 4 x accumulation 1, the preset's max_steps 60 -> 5 evaluations of 12 steps
+    assert values == {"eval_steps": 12, "max_length": 192, "save_steps": 12, "warmup_steps": 3}
+    assert (how["steps_per_epoch"], how["total_steps"], how["examples_per_step"]) == (25, 60, 4)
     values, how = prep.derive_training_config(1000, [3000], get_preset("7b"), 2048)
     # 7b: batch 4 x accumulation 4 -> 63 steps/epoch x 3 epochs = 189 steps
     assert values == {"eval_steps": 38, "max_length": 2048, "save_steps": 38, "warmup_steps": 10}
