@@ -243,3 +243,38 @@ def test_supervised_loss_equals_full_logits_loss(tiny_model_dir, packing):
         reference = model(**batch, use_cache=False).loss
         ours = supervised_loss(model, batch, n)
     assert abs(float(reference) - float(ours)) < 1e-5
+
+
+def test_qlora_gradients_match_the_dequantized_model(tiny_model_dir):
+    """Backward through bitsandbytes' CPU 4-bit path gives the LoRA gradients of the same model
+    with the dequantized weights in fp32 (so QLoRA on CPU trains what it claims to)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llama_dataset import PromptFormat, collate, encode_records
+    from llama_model import load_base_model, load_tokenizer
+    from llama_trainer import supervised_loss
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, _ = encode_records(tok, PromptFormat.for_tokenizer(tok), make_records(4), 256)
+    batch = collate(examples, tok.pad_token_id, True)
+    n = sum(e.num_supervised for e in examples)
+    quantized = load_base_model(str(tiny_model_dir), dtype="float32", quantization="4bit")
+    reference = load_base_model(str(tiny_model_dir), dtype="float32")
+    qmods = dict(quantized.named_modules())
+    for name, module in reference.named_modules():
+        weight = getattr(qmods.get(name), "weight", None)
+        if hasattr(weight, "quant_state"):
+            module.weight.data = bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                      init_lora_weights=False, lora_dropout=0.0)
+    grads = []
+    for model in (quantized, reference):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, lora)
+        supervised_loss(peft_model, batch, n).backward()
+        grads.append({k: p.grad for k, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
+    for key, ref in grads[1].items():
+        assert (grads[0][key] - ref).abs().max() <= 0.02 * ref.abs().max(), key
