@@ -134,7 +134,14 @@ class Trainer:
         self.total_steps = cfg.optim.max_steps or self.steps_per_epoch * cfg.optim.num_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(cfg, self.total_steps))
+        check_distributed_setup(accelerator)
+        self.sharded = accelerator.distributed_type == "FSDP"   # FSDP2: parameters are DTensors
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        # FSDP2 swaps each parameter for a sharded DTensor (same names, same order).
+        self.trainable = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters()
+                          if p.requires_grad]
+        if self.is_main and self.world > 1:
+            log(describe_distribution(accelerator, self.model))
         self.state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "bad_steps": 0,
                       "best_eval_loss": None, "best_step": None, "first_eval_loss": None,
                       "evals_without_improvement": 0, "tokens_seen": 0, "stopped_early": False}
@@ -171,17 +178,16 @@ class Trainer:
 
         pad_id = self.tokenizer.pad_token_id
         device = self.acc.device
-        local_items = sum(e.num_supervised for mb in micro for e in mb)
-        items = torch.tensor(float(local_items), device=device)
+        counts = torch.tensor([float(sum(e.num_supervised for mb in micro for e in mb)),
+                               float(sum(len(e) for mb in micro for e in mb))], device=device)
         if self.world > 1:
-            items = self.acc.reduce(items, reduction="sum")
+            counts = self.acc.reduce(counts, reduction="sum")
+        items, tokens = counts[0], int(counts[1])       # over all ranks
         total_loss = torch.zeros((), device=device)
-        tokens = 0
         self.model.train()
         for i, mb in enumerate(micro):
             batch = {k: v.to(device) for k, v in
                      collate(mb, pad_id, self.cfg.data.packing).items()}
-            tokens += sum(len(e) for e in mb)
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
             with ctx:
@@ -191,8 +197,7 @@ class Trainer:
             total_loss += loss.detach() / self.world
         if self.world > 1:
             total_loss = self.acc.reduce(total_loss, reduction="sum")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable],
-                                                   self.cfg.optim.max_grad_norm)
+        grad_norm = clip_grad_norm([p for _, p in self.trainable], self.cfg.optim.max_grad_norm)
         loss_value, norm_value = float(total_loss), float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
@@ -210,15 +215,21 @@ class Trainer:
         pad_id = self.tokenizer.pad_token_id
         loss_sum, items = 0.0, 0
         bs = max(1, self.cfg.optim.batch_size)
+        shard = self.data.eval[self.rank::self.world]
+        # Under FSDP every forward is a collective: all ranks run the same number of batches,
+        # a rank whose shard ran out repeats its first example with weight 0.
+        rounds = math.ceil(math.ceil(len(self.data.eval) / self.world) / bs) if self.sharded \
+            else math.ceil(len(shard) / bs)
         with torch.no_grad():
-            shard = self.data.eval[self.rank::self.world]
-            for i in range(0, len(shard), bs):
+            for i in range(0, rounds * bs, bs):
                 chunk = shard[i:i + bs]
+                weight = 1 if chunk else 0
+                chunk = chunk or self.data.eval[:1]
                 n = sum(e.num_supervised for e in chunk)
                 batch = {k: v.to(self.acc.device) for k, v in
                          collate(chunk, pad_id, self.cfg.data.packing).items()}
-                loss_sum += float(supervised_loss(self.model, batch, n)) * n
-                items += n
+                loss_sum += float(supervised_loss(self.model, batch, n)) * n * weight
+                items += n * weight
         if self.world > 1:
             totals = self.acc.reduce(torch.tensor([loss_sum, float(items)], device=self.acc.device),
                                      reduction="sum")
@@ -226,8 +237,10 @@ class Trainer:
         loss = loss_sum / items if items else float("nan")
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
                   "eval_examples": len(self.data.eval)}
-        if self.data.samples and self.is_main:
-            result["samples"] = self.generate_samples()
+        if self.data.samples and (self.is_main or self.sharded):
+            samples = self.generate_samples()   # under FSDP every rank takes part in generate()
+            if self.is_main:
+                result["samples"] = samples
         return result
 
     def generate_samples(self) -> list[dict[str, Any]]:
@@ -244,9 +257,25 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Any]:
-        model = self.acc.unwrap_model(self.model)
-        return {n: p.detach().to("cpu").contiguous().clone()
-                for n, p in model.named_parameters() if p.requires_grad}
+        """Full (gathered) trainable weights on CPU. Under FSDP a collective: call on every rank."""
+        return {n: full_tensor(p.detach()).to("cpu").contiguous().clone()
+                for n, p in self.trainable}
+
+    def rng_state(self) -> dict[str, Any]:
+        """This process's RNG state, plus every rank's under several processes (a collective)."""
+        import torch
+
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        if self.world > 1:
+            own = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                own["cuda"] = torch.cuda.get_rng_state()
+            for kind, state in own.items():
+                every = self.acc.gather(state.to(self.acc.device)).cpu().view(self.world, -1)
+                rng.update({f"{kind}_rank{r}": every[r].clone() for r in range(self.world)})
+        return rng
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step>/ atomically; rotate only after it is complete."""
@@ -256,18 +285,18 @@ class Trainer:
         step = self.state["step"]
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp"
+        rng = self.rng_state()
+        if self.is_main or self.sharded:       # under FSDP, gathering takes every rank
+            weights = self.trainable_state()
+            opt_tensors, opt_meta = _optimizer_state(self.optimizer, self.trainable)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 tmp.mkdir(parents=True)
-                save_file(self.trainable_state(), tmp / "weights.safetensors")
-                opt_tensors, opt_meta = _optimizer_state(self.optimizer, self.trainable)
+                save_file(weights, tmp / "weights.safetensors")
                 save_file(opt_tensors, tmp / "optimizer.safetensors")
                 write_json(tmp / "optimizer.json", {
                     "optimizer": opt_meta, "scheduler": self.scheduler.state_dict()})
-                rng = {"torch": torch.get_rng_state()}
-                if torch.cuda.is_available():
-                    rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
                 save_file(rng, tmp / "rng.safetensors")
                 best = self.out / "best_weights.safetensors"
                 if best.exists():
@@ -306,25 +335,25 @@ class Trainer:
                              f"({', '.join(diff)})")
         if state.get("world_size", 1) != self.world:
             raise UsageError(f"cannot resume from {path}: written with {state['world_size']} "
-                             f"processes, now {self.world}")
-        model = self.acc.unwrap_model(self.model)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+                             f"processes, now {self.world} (the data order and optimizer shards "
+                             f"depend on it); relaunch with --num_processes {state['world_size']}")
+        load_into_params(dict(self.trainable), weights)
         _load_optimizer_state(self.optimizer, self.trainable, opt_tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng.get(f"torch_rank{self.rank}", rng["torch"]))
         if torch.cuda.is_available():
-            cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+            cuda = [rng[k] for k in sorted(rng) if re.fullmatch(r"cuda\d+", k)]
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
+            if f"cuda_rank{self.rank}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda_rank{self.rank}"])
         _set_py_rng_state(state.pop("python_rng"))
         for key in self.state:
             self.state[key] = state[key]
         if self.is_main:
             self._restore_side_files(path)
-        log(f"resumed from {path} at step {self.state['step']}")
+            log(f"resumed from {path} at step {self.state['step']}")
+        self.acc.wait_for_everyone()
 
     def _restore_side_files(self, path: Path) -> None:
         """Bring best weights and metrics back to the checkpoint's step."""
@@ -344,29 +373,33 @@ class Trainer:
     def save_best(self) -> None:
         from safetensors.torch import save_file
 
+        weights = self.trainable_state() if self.is_main or self.sharded else None
         if self.is_main:
             best = self.out / "best_weights.safetensors"
             tmp = best.with_suffix(".tmp")
             try:
-                save_file(self.trainable_state(), tmp)
+                save_file(weights, tmp)
                 os.replace(tmp, best)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 code = "disk full" if exc.errno == errno.ENOSPC else str(exc)
                 raise StorageError(f"could not save the best weights: {code}") from None
+        self.acc.wait_for_everyone()   # every rank reads this file in restore_best()
 
     def restore_best(self) -> bool:
         import torch
         from safetensors.torch import load_file
 
         best = self.out / "best_weights.safetensors"
-        if not best.exists():
+        found = best.exists()
+        if self.world > 1:
+            seen = self.acc.gather(torch.tensor([int(found)], device=self.acc.device))
+            if int(seen.min()) != int(seen.max()):
+                raise StorageError(f"{best} is visible to some processes but not others: with "
+                                   f"several machines, --output-dir must be on storage all share")
+        if not found:
             return False
-        weights = load_file(best)
-        params = dict(self.acc.unwrap_model(self.model).named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        load_into_params(dict(self.trainable), load_file(best))
         return True
 
     # -- logging ---------------------------------------------------------------------------------
@@ -418,6 +451,16 @@ class Trainer:
             for sig, prev in previous.items():
                 signal.signal(sig, prev)
 
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT: all ranks must checkpoint at the same step."""
+        import torch
+
+        flag = self._stop_signal is not None
+        if self.world > 1:
+            flag = bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device),
+                                        reduction="sum").item() > 0)
+        return flag
+
     # -- the loop --------------------------------------------------------------------------------
     def run(self, resume: Path | None = None) -> TrainResult:
         import torch
@@ -432,9 +475,10 @@ class Trainer:
                 (self.out / stale).unlink(missing_ok=True)
         self.open_loggers()
         accum = cfg.optim.gradient_accumulation_steps
-        log(f"training: {len(self.data.train)} examples, {self.total_steps} optimizer steps, "
-            f"global batch {cfg.optim.batch_size} x {accum} x {self.world} = "
-            f"{cfg.optim.batch_size * accum * self.world} examples")
+        if self.is_main:
+            log(f"training: {len(self.data.train)} examples, {self.total_steps} optimizer steps, "
+                f"global batch {cfg.optim.batch_size} (per device) x {accum} (accumulation) x "
+                f"{self.world} (processes) = {cfg.optim.batch_size * accum * self.world} examples")
         if self.state["step"] == 0 and self.data.eval:
             self.run_eval()
         batches = self.micro_batches()
@@ -465,12 +509,12 @@ class Trainer:
                             f"was saved{newest}. Lower --learning-rate or check the data")
                     continue
                 self.state["step"] += 1
-                self.state["tokens_seen"] += stats["tokens"] * self.world
+                self.state["tokens_seen"] += stats["tokens"]
                 step = self.state["step"]
                 self.log_metrics({"step": step, "epoch": round(step / self.steps_per_epoch, 4),
                                   "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
                                   "grad_norm": stats["grad_norm"],
-                                  "tokens_per_s": stats["tokens"] * self.world / dt,
+                                  "tokens_per_s": stats["tokens"] / dt,
                                   "step_time_s": dt, "memory_mb": _memory_mb(),
                                   "bad_steps": self.state["bad_steps"]})
                 bar.update(1)
@@ -479,12 +523,12 @@ class Trainer:
                     self.run_eval()
                 if step % cfg.eval.save_steps == 0 and step < self.total_steps:
                     self.save_checkpoint()
-                if self._stop_signal:
+                if self.stop_requested():
                     path = self.save_checkpoint()
                     bar.close()
                     self.close_loggers()
-                    raise Interrupted(f"stopped by {self._stop_signal}; checkpoint saved at {path}. "
-                                      f"Continue with --resume auto")
+                    raise Interrupted(f"stopped by {self._stop_signal or 'a signal to another process'}"
+                                      f"; checkpoint saved at {path}. Continue with --resume auto")
         bar.close()
         return self.finish()
 
@@ -509,8 +553,9 @@ class Trainer:
             self.state["evals_without_improvement"] += 1
             patience = self.cfg.eval.early_stopping_patience
             if patience and self.state["evals_without_improvement"] >= patience:
-                log(f"early stopping at step {step}: no eval improvement in {patience} evaluations "
-                    f"(best {best:.4f} at step {self.state['best_step']})")
+                if self.is_main:
+                    log(f"early stopping at step {step}: no eval improvement in {patience} "
+                        f"evaluations (best {best:.4f} at step {self.state['best_step']})")
                 self.state["stopped_early"] = True
 
     def finish(self) -> TrainResult:
@@ -528,8 +573,9 @@ class Trainer:
                    "global_batch": self.cfg.optim.batch_size *
                    self.cfg.optim.gradient_accumulation_steps * self.world,
                    "token_stats": token_stats(self.data.train)}
+        state = self.trainable_state() if self.sharded else None  # gathered on every rank
         if self.is_main:
-            self.save_final_model(final, summary)
+            self.save_final_model(final, summary, state)
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
             write_json(self.out / "metrics_summary.json", summary)
             write_json(self.out / "training_config.json", self.cfg.to_dict())
@@ -540,15 +586,18 @@ class Trainer:
         return TrainResult(self.out, final, self.state["step"], self.state["stopped_early"],
                            self.state["best_eval_loss"], self.state["first_eval_loss"], summary)
 
-    def save_final_model(self, final: Path, summary: dict[str, Any]) -> None:
+    def save_final_model(self, final: Path, summary: dict[str, Any],
+                         state_dict: dict[str, Any] | None = None) -> None:
+        """Write final_model/; ``state_dict`` holds the gathered weights when they are sharded."""
         from llama_io import atomic_output_dir
 
         model = self.acc.unwrap_model(self.model)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
         try:
             with atomic_output_dir(final) as tmp:
                 if hasattr(model, "peft_config"):
                     model.peft_config["default"].base_model_name_or_path = self.cfg.base_model
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, **extra)
                 self.tokenizer.save_pretrained(tmp)
                 self.fmt.save(tmp)
                 write_json(tmp / "training_config.json", self.cfg.to_dict())
@@ -585,6 +634,75 @@ def supervised_loss(model, batch: dict[str, Any], num_items):
     return F.cross_entropy(logits, targets[keep], reduction="sum") / num_items
 
 
+def check_distributed_setup(accelerator) -> None:
+    """Refuse launches this loop cannot run correctly, before any work is done."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise UsageError(f"launched as {launched} processes, but accelerate started no distributed "
+                         f"backend, so each would train alone into the same --output-dir. Without "
+                         f"GPUs set ACCELERATE_USE_CPU=1 (gloo); see docs/distributed.md")
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind == "FSDP" and not accelerator.is_fsdp2:
+        raise UsageError("FSDP version 1 is not supported by this trainer; set fsdp_version: 2 "
+                         "(configs/accelerate/fsdp.yaml)")
+    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+        raise UsageError(f"distributed type {kind} is not supported by this trainer; use "
+                         f"configs/accelerate/ddp.yaml, fsdp.yaml or fsdp_qlora.yaml "
+                         f"(see docs/distributed.md)")
+
+
+def describe_distribution(accelerator, model) -> str:
+    """One line: engine, processes, how many parameter tensors are sharded (FSDP2 DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(accelerator.unwrap_model(model).parameters())
+    sharded = sum(isinstance(p, DTensor) for p in params)
+    kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+    return (f"distributed: {kind} over {accelerator.num_processes} processes "
+            f"({accelerator.state.backend}); {sharded}/{len(params)} parameter tensors sharded")
+
+
+def full_tensor(tensor):
+    """``tensor`` itself, or for an FSDP2 shard (DTensor) the gathered whole; under FSDP this is
+    a collective, so every rank must call it in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor, param):
+    """A full tensor as ``param`` holds it: this rank's shard when ``param`` is an FSDP2 DTensor
+    (every rank has the full tensor, so nothing is communicated)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor) or tensor.shape != param.shape:
+        return tensor
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+def load_into_params(params: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Copy full tensors (from a checkpoint) into parameters, sharded or not."""
+    import torch
+
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise UsageError(f"saved weights name parameters this model lacks: {', '.join(unknown[:3])}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
+
+
+def clip_grad_norm(params: list, max_norm: float):
+    """Clip to ``max_norm``; returns the global norm (all shards under FSDP) as a plain tensor."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads, 2.0))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (renamed into place, with a state file), oldest first."""
     found = []
@@ -617,10 +735,10 @@ def _optimizer_state(optimizer, trainable) -> tuple[dict[str, Any], dict[str, An
     state = optimizer.state_dict()
     index_to_name = {i: name for i, (name, _) in enumerate(trainable)}
     tensors, scalars = {}, {}
-    for idx, values in state["state"].items():
-        for key, value in values.items():
+    for idx in sorted(state["state"]):            # one order on every rank: gathers pair up
+        for key, value in sorted(state["state"][idx].items()):
             if isinstance(value, torch.Tensor):
-                tensors[f"{index_to_name[idx]}::{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index_to_name[idx]}::{key}"] = full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index_to_name[idx]}::{key}"] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
@@ -635,7 +753,10 @@ def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
         name, field_name = key.rsplit("::", 1)
         if name not in name_to_index:
             raise UsageError(f"checkpoint optimizer state names unknown parameter {name}")
-        state.setdefault(name_to_index[name], {})[field_name] = value
+        index = name_to_index[name]
+        if field_name != "step" and hasattr(value, "shape"):
+            value = shard_like(value, trainable[index][1])
+        state.setdefault(index, {})[field_name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
               for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -751,6 +872,7 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
 
     accelerator = Accelerator()
+    check_distributed_setup(accelerator)   # before loading anything
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.base_model)
     fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data.prompt_style)
