@@ -173,7 +173,12 @@ def load_tokenizer(name_or_path: str):
     """Load the tokenizer; give it a pad token distinct from EOS when the vocabulary has one."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except OSError as exc:
+        raise UsageError(f"cannot load the tokenizer of {name_or_path!r}: "
+                         f"{str(exc).splitlines()[0]} (gated meta-llama models need "
+                         f"`huggingface-cli login`)") from None
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token

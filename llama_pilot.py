@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_io import EXIT_GATE, EXIT_OK, HelpFormatter, run_main
-from llama_train import add_training_flags, config_from_args, report_targets
+from llama_train import add_training_flags, check_runnable, config_from_args, report_targets
 
 REPORT = "pilot_evaluation.json"
 
@@ -208,6 +208,7 @@ def run(args) -> int:
     cfg = config_from_args(args, extra_file_values={k: v for k, v in pilot_file.items()
                                                     if args.__dict__.get(k) is None})
     targets = report_targets(args)
+    check_runnable(cfg)
     lo, hi = (float(x) for x in args.supervised_ratio.split(","))
     verify_file_against_manifest(args.golden_set)
     golden = read_sft_jsonl(args.golden_set)

@@ -107,13 +107,19 @@ def report_targets(args) -> tuple[str, ...]:
     return tuple(sorted(targets))
 
 
-def check_quantization_supported(cfg) -> None:
-    """4-bit/8-bit need bitsandbytes; say so before loading anything."""
-    if cfg.model.quantization == "none":
-        return
+def check_runnable(cfg) -> None:
+    """Refuse, before loading anything, a run this machine cannot do."""
     import importlib.util
-    if importlib.util.find_spec("bitsandbytes") is None:
+
+    if cfg.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use-4bit/--use-8bit need bitsandbytes (pip install bitsandbytes)")
+    preset = cfg.preset
+    if cfg.base_model == preset.base_model and preset.min_gpu_memory_gb > 0:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--model-size {preset.name} ({preset.base_model}) needs a CUDA GPU "
+                             f"with {preset.min_gpu_memory_gb:g} GB; none found. On a CPU use "
+                             f"--model-size 135m (the embedded model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +143,7 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     targets = report_targets(args)
-    check_quantization_supported(cfg)
+    check_runnable(cfg)
     out = Path(args.output_dir)
     for path in filter(None, (args.dataset, args.golden_set)):
         verify_file_against_manifest(path)

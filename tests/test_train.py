@@ -278,3 +278,16 @@ def test_qlora_gradients_match_the_dequantized_model(tiny_model_dir):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 12
     for key, ref in grads[1].items():
         assert (grads[0][key] - ref).abs().max() <= 0.02 * ref.abs().max(), key
+
+
+def test_gpu_preset_on_cpu_is_refused_before_loading(data, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "7b"
+    rc = llama_train.main(["--model-size", "7b", "--dataset", str(data["sft"]), "--output-dir",
+                           str(out), "--use-4bit", "--use-wandb"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA GPU with 16 GB" in err and err.count("\n") == 1
+    assert not out.exists()
