@@ -865,11 +865,12 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
                   report_to: tuple[str, ...] = (), wandb_project: str = "llama-sft",
                   stage: str = "train", progress: bool = True) -> Trainer:
     """Load tokenizer and model through llama_model, tokenize, and return a ready Trainer."""
+    # llama_model first: it quiets library noise before accelerate imports bitsandbytes
+    from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
+
     import torch
     from accelerate import Accelerator
     from transformers import set_seed
-
-    from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
 
     accelerator = Accelerator()
     check_distributed_setup(accelerator)   # before loading anything
