@@ -636,12 +636,11 @@ def supervised_loss(model, batch: dict[str, Any], num_items):
 
 def check_distributed_setup(accelerator) -> None:
     """Refuse launches this loop cannot run correctly, before any work is done."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
-        raise UsageError(f"launched as {launched} processes, but accelerate started no distributed "
-                         f"backend, so each would train alone into the same --output-dir. Without "
-                         f"GPUs set ACCELERATE_USE_CPU=1 (gloo); see docs/distributed.md")
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind == "DEEPSPEED":
+        raise UsageError("DeepSpeed is not supported by this trainer (deepspeed_zero3.yaml is "
+                         "configuration only); configs/accelerate/fsdp.yaml shards parameters, "
+                         "gradients and optimizer state the same way. See docs/distributed.md")
     if kind == "FSDP" and not accelerator.is_fsdp2:
         raise UsageError("FSDP version 1 is not supported by this trainer; set fsdp_version: 2 "
                          "(configs/accelerate/fsdp.yaml)")
@@ -649,6 +648,11 @@ def check_distributed_setup(accelerator) -> None:
         raise UsageError(f"distributed type {kind} is not supported by this trainer; use "
                          f"configs/accelerate/ddp.yaml, fsdp.yaml or fsdp_qlora.yaml "
                          f"(see docs/distributed.md)")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise UsageError(f"launched as {launched} processes, but accelerate started no distributed "
+                         f"backend, so each would train alone into the same --output-dir. Without "
+                         f"GPUs set ACCELERATE_USE_CPU=1 (gloo); see docs/distributed.md")
 
 
 def describe_distribution(accelerator, model) -> str:

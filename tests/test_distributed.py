@@ -40,14 +40,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """accelerate launch --config_file configs/accelerate/<config> with 2 CPU processes."""
+def launch(config: str, *args: str, timeout: int = 600, log: Path | None = None):
+    """accelerate launch --config_file configs/accelerate/<config> with 2 CPU processes; with
+    ``log``, started in the background with its stderr going to that file."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(CONFIGS / config), "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(_free_port()), __file__, *args]
+    if log is not None:
+        with open(log, "w") as fh:
+            return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh,
+                                    start_new_session=True)   # killable as one group
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -185,6 +190,28 @@ def test_processes_without_a_backend_are_refused(tiny_model_dir, data, tmp_path,
     assert not (out / "final_model").exists()
 
 
+@pytest.mark.parametrize("kind,fsdp2,message", [
+    ("DEEPSPEED", False, "DeepSpeed is not supported by this trainer"),
+    ("FSDP", False, "FSDP version 1 is not supported"),
+    ("MEGATRON_LM", False, "distributed type MEGATRON_LM is not supported"),
+])
+def test_unsupported_engines_are_refused_before_loading(kind, fsdp2, message):
+    """DeepSpeed and FSDP1 launches cannot happen here; their accelerator state is imitated."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llama_io import UsageError
+    from llama_trainer import check_distributed_setup
+
+    fake = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2,
+                           num_processes=2)
+    with pytest.raises(UsageError, match=message):
+        check_distributed_setup(fake)
+    check_distributed_setup(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True,
+                                            num_processes=2))
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tiny_model_dir, data, reference,
                                              tmp_path_factory):
@@ -205,6 +232,43 @@ def test_fsdp_resume_reaches_the_uninterrupted_weights(tiny_model_dir, data, fsd
     assert [r["step"] for r in metrics_rows(out) if "loss" in r] == [3, 4]
     assert_close(load_weights(out / "final_model" / "adapter_model.safetensors"),
                  load_weights(full / "final_model" / "adapter_model.safetensors"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_checkpoints_all_ranks_at_one_step(tiny_model_dir, data, tmp_path):
+    """Rank 1 alone gets SIGTERM; the ranks agree, write one complete checkpoint, exit 130."""
+    import signal
+    import time
+
+    import psutil
+
+    out, log = tmp_path / "sigterm", tmp_path / "sigterm.log"
+    args = run_args(tiny_model_dir, data, out, PER_DEVICE, "--eval-steps", 1000,
+                    "--save-steps", 1000)          # later flags win
+    args[args.index("--max-steps") + 1] = "400"
+    proc = launch("fsdp.yaml", *args, log=log)
+    try:
+        deadline = time.time() + 300
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists() or metrics.read_text().count("\n") < 3:  # eval + 2 steps
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if c.environ().get("RANK") == "1"
+                 and "test_distributed.py" in " ".join(c.cmdline())]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = log.read_text()
+    assert "stopped by SIGTERM" in err and "stopped by a signal to another process" in err
+    (ckpt,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    last = [r["step"] for r in metrics_rows(out) if "loss" in r][-1]
+    assert state["step"] == last and state["world_size"] == 2 and 2 <= last < 400
+    assert not (out / "final_model").exists()
 
 
 @pytest.mark.slow
