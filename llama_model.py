@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -237,7 +238,69 @@ def attach_lora(model, lora, *, quantized: bool, gradient_checkpointing: bool):
     config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                         target_modules=list(lora.lora_target_modules), bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    swap_lora_dropout(model)
+    return model
+
+
+def swap_lora_dropout(model) -> int:
+    """Replace peft's ``nn.Dropout`` on each LoRA input with :func:`mask_dropout_class`'s module.
+
+    Profiled on CPU, torch's ``bernoulli_`` mask cost 18% of a 135M LoRA training step (twice the
+    LoRA layer's own matmul). Returns how many dropouts were replaced.
+    """
+    import torch
+
+    mask_dropout = mask_dropout_class()
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                dropouts[name] = mask_dropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
+@functools.cache
+def mask_dropout_class():
+    """The ``MaskDropout`` module class (built on first use, so importing this file needs no torch)."""
+    import numpy as np
+    import torch
+
+    class MaskDropout(torch.nn.Module):
+        """Inverted dropout whose CPU keep-mask comes from numpy's SFC64 generator.
+
+        A fresh generator is seeded from torch's default generator on each call, so
+        ``torch.manual_seed`` and a checkpointed torch RNG state reproduce the masks exactly. An
+        element is kept when a uniform 16-bit draw is >= round(p * 65536), so the dropout
+        probability is p to within 1/65536 and kept values are scaled by 1 / (1 - that
+        probability). Tensors on other devices use torch's own dropout.
+        """
+
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 65536)
+            self.scale = 1.0 / (1.0 - self.threshold / 65536)
+
+        def forward(self, x):
+            if not self.training or self.threshold == 0:
+                return x
+            if x.device.type != "cpu":
+                return torch.nn.functional.dropout(x, self.p, training=True)
+            seed = int(torch.randint(0, 2**63 - 1, (1,)))
+            draws = np.random.Generator(np.random.SFC64(seed)).integers(
+                0, 65536, x.numel(), dtype=np.uint16)
+            keep = torch.from_numpy(draws >= self.threshold).view(x.shape)
+            return x * keep * self.scale
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return MaskDropout
 
 
 def count_parameters(model) -> tuple[int, int]:

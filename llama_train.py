@@ -21,6 +21,7 @@ loss_curve.png, tensorboard/, manifest.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -159,8 +160,9 @@ def run(args) -> int:
     if not train:
         raise UsageError(f"{args.dataset} has no records with split 'train'")
     resume = find_resume_checkpoint(out, args.resume)
-    print("resolved config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
-          file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":       # accelerate launch starts one copy per rank
+        print("resolved config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()),
+              file=sys.stderr)
     inputs = describe_inputs({k: v for k, v in (("dataset", args.dataset),
                                                 ("golden_set", args.golden_set)) if v})
     try:
@@ -173,6 +175,8 @@ def run(args) -> int:
             print(f"error: {OOM_ADVICE}", file=sys.stderr)
             return EXIT_GATE
         raise
+    if not trainer.is_main:        # under accelerate launch only rank 0 reports
+        return EXIT_OK
     first, best = result.first_eval_loss, result.best_eval_loss
     change = f"eval loss {first:.4f} -> {best:.4f}" if first is not None and best is not None else ""
     print(f"done: {result.steps} steps{' (early stop)' if result.stopped_early else ''}; {change}; "

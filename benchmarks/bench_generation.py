@@ -3,11 +3,12 @@
 
     python3 benchmarks/bench_generation.py                         # embedded SmolLM2-135M, fp32
     python3 benchmarks/bench_generation.py --tiny                  # a random tiny LLaMA (seconds)
-    python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 8 \\
-        --num-prompts 16 --max-new-tokens 32
+    python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 16 \\
+        --num-prompts 32 --max-new-tokens 32
 
-Both runs use ``llama_model.generate_batch`` (left padding, KV cache, greedy) on the same prompts,
-built with the chat template as evaluation builds them. The result goes to
+Both runs use ``llama_model.generate_batch`` (left padding, KV cache, greedy) on the same prompts:
+the first --num-prompts records of the golden set, built with the chat template exactly as
+llama_evaluate.py builds them. The result goes to
 ``benchmarks/results/generation.json`` with the machine it ran on. Measure the identity check in
 float32: in bf16, left padding changes the numerics enough that some greedy outputs differ; the
 result counts how many differ and where the first differing token is.
@@ -29,16 +30,7 @@ sys.path.insert(0, str(ROOT))
 from llama_io import UsageError, run_main, write_json  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "generation.json"
-PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain in two sentences why the sky is blue.",
-    "List three uses of a paperclip.",
-    "Translate 'good morning' into Spanish and German.",
-    "Summarize the plot of Romeo and Juliet in one sentence, mentioning both families by name.",
-    "Classify the sentiment of this review as positive or negative: the battery died in a day.",
-    "Give a short definition of machine learning for a ten-year-old.",
-)
+DEFAULT_GOLDEN = ROOT / "sft_output" / "golden_set.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a random 2-layer LLaMA with the embedded tokenizer (a quick check)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype (float32 for the identity check)")
-    parser.add_argument("--num-prompts", type=int, default=16, help="prompts (cycled from a list)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batched call")
+    parser.add_argument("--golden-set", default=str(DEFAULT_GOLDEN),
+                        help="JSONL with instruction/context records (pipeline_sft_prep output)")
+    parser.add_argument("--num-prompts", type=int, default=32,
+                        help="records taken from the start of --golden-set")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per batched call")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation limit")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (None: torch's default); on a busy machine fewer "
@@ -121,7 +116,7 @@ def compare_outputs(one: list[list[int]], batched: list[list[int]]) -> list[dict
 def benchmark(model_path: str, args) -> dict[str, Any]:
     import torch
 
-    from llama_dataset import PromptFormat
+    from llama_dataset import PromptFormat, read_sft_jsonl
     from llama_model import load_base_model, load_tokenizer
 
     if args.threads is not None:
@@ -130,8 +125,11 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
     model = load_base_model(model_path, dtype=args.dtype)
     model.eval()
     fmt = PromptFormat.for_tokenizer(tokenizer)
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.num_prompts)]
-    prompts = [fmt.encode_prompt(tokenizer, t) for t in texts]
+    records = read_sft_jsonl(args.golden_set)[:args.num_prompts]
+    if not records:
+        raise UsageError(f"{args.golden_set} holds no records")
+    prompts = [fmt.encode_prompt(tokenizer, r["instruction"], r.get("context") or "")
+               for r in records]
     timed_generation(model, tokenizer, prompts[:1], 1, 2)  # warm-up
     one, one_s = timed_generation(model, tokenizer, prompts, 1, args.max_new_tokens)
     batched, batched_s = timed_generation(model, tokenizer, prompts, args.batch_size,
@@ -140,7 +138,8 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
     differ = compare_outputs(one, batched)
     one_tps, batched_tps = one_tokens / one_s, batched_tokens / batched_s
     return {
-        "model": model_path, "dtype": args.dtype, "num_prompts": args.num_prompts,
+        "model": model_path, "dtype": args.dtype, "golden_set": str(args.golden_set),
+        "num_prompts": len(prompts),
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
         "one_at_a_time": {"seconds": one_s, "generated_tokens": one_tokens,

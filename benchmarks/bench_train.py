@@ -68,12 +68,15 @@ FRAMEWORKS = {
     "ours_lora_dropout0": "ours with lora_dropout 0 (peft then skips the dropout on each input)",
     "ours_autocast": "ours with the forward under bf16 autocast (fp32 LoRA master weights)",
     "ours_bf16_lora": "ours with the LoRA weights themselves in bf16 (no fp32 casts)",
+    "ours_torch_dropout": "ours with peft's own nn.Dropout on each LoRA input (torch bernoulli_ "
+                          "masks) instead of llama_model's MaskDropout",
 }
 DEFAULT_FRAMEWORKS = ("ours", "trl_default", "trl_packing", "trl_padding_free", "hf_maxlen")
 # name: (config overrides, how the LoRA weights compute: None | "autocast" | "bf16")
 OURS_VARIANTS = {"ours": ({}, None), "ours_padded": ({"packing": False}, None),
                  "ours_lora_dropout0": ({"lora_dropout": 0.0}, None),
-                 "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16")}
+                 "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16"),
+                 "ours_torch_dropout": ({}, None)}
 TRL_BEST_CANDIDATES = ("trl_default", "trl_packing", "trl_padding_free")
 TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
@@ -419,6 +422,12 @@ def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dic
     if lora_compute == "bf16":
         for _, param in trainer.trainable:
             param.data = param.data.to(torch.bfloat16)
+    if spec["framework"] == "ours_torch_dropout":
+        for module in trainer.model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in dropouts.items():
+                    dropouts[name] = torch.nn.Dropout(getattr(dropout, "p", 0.0))
 
     def autocast_forward(batch, num_items):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -330,6 +330,7 @@ def test_bench_generation_smoke(tmp_path, tiny_model_dir):
     assert rc == 0 and "speed-up" in stdout
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 3 and result["batch_size"] == 2
+    assert result["golden_set"].endswith("golden_set.jsonl")
     assert result["one_at_a_time"]["generated_tokens"] <= 12
     assert result["batched"]["tokens_per_second"] > 0
     assert result["speedup"] == pytest.approx(result["batched"]["tokens_per_second"]

@@ -291,3 +291,36 @@ def test_gpu_preset_on_cpu_is_refused_before_loading(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "needs a CUDA GPU with 16 GB" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_lora_dropout_is_swapped_and_is_inverted_dropout(tiny_model_dir):
+    """attach_lora swaps every LoRA input dropout for MaskDropout, which drops with probability p,
+    scales the kept values by 1/(1-p), follows torch's seed, passes gradients through the mask
+    only, and is the identity in eval mode."""
+    import torch
+
+    from llama_config import LoraSettings
+    from llama_model import attach_lora, load_base_model, mask_dropout_class
+
+    model = attach_lora(load_base_model(str(tiny_model_dir), dtype="float32"),
+                        LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.1),
+                        quantized=False, gradient_checkpointing=False)
+    MaskDropout = mask_dropout_class()
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(isinstance(m.lora_dropout["default"], MaskDropout)
+                               for m in lora_layers)
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+
+    drop = MaskDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.003                      # 1e6 draws: sd of the rate is 3e-4
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9), rtol=1e-4)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                 # d(sum y)/dx = mask * scale
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    assert not torch.equal(drop(x), y)                     # the next call draws a new mask
+    assert drop.eval()(x) is x
