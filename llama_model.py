@@ -155,6 +155,10 @@ def quiet_library_noise() -> None:
     # bitsandbytes looks for an optional hub kernel on AVX512-BF16 CPUs and warns when offline.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft saving an adapter offline cannot fetch the base config to see whether the vocabulary
+    # was resized; this pipeline never resizes it, so the adapter is complete either way.
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*",
+                            category=UserWarning)
 
 
 quiet_library_noise()
