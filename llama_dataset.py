@@ -295,15 +295,21 @@ def pack_collate(batch: Sequence[Encoded]) -> dict[str, Any]:
 
     The model sees no attention mask; transformers derives the block-diagonal mask from the
     position_ids, so no example attends to another (forward with ``use_cache=False``). Each
-    example starts with a masked prompt token, so no label crosses a boundary.
+    example starts with a masked prompt token, so no label crosses a boundary. The example
+    boundaries also go along as ``cu_seq_lens_q/k`` (transformers' varlen names), which
+    ``llama_model.packed_attention`` and flash-attention use to attend per example directly.
     """
+    import itertools
+
     import torch
 
     ids = [t for e in batch for t in e.input_ids]
     labels = [t for e in batch for t in e.labels]
     positions = [p for e in batch for p in range(len(e))]
+    bounds = torch.tensor([0, *itertools.accumulate(len(e) for e in batch)], dtype=torch.int32)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions])}
+            "position_ids": torch.tensor([positions]), "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds}
 
 
 def collate(batch: Sequence[Encoded], pad_id: int, packing: bool) -> dict[str, Any]:

@@ -228,6 +228,46 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", quantization: str
     return model
 
 
+PACKED_ATTENTION = "sdpa_packed"
+
+
+@functools.cache
+def packed_attention() -> str:
+    """Register (once) and name the attention that training uses on packed rows.
+
+    Given ``cu_seq_lens_q`` (the boundaries ``llama_dataset.pack_collate`` passes), it runs causal
+    SDPA on each packed example alone instead of one L x L block-diagonal mask over the whole row,
+    so no work goes to the masked-out blocks; on CPU it computes in fp32, where the kernel is
+    about twice as fast as bf16 (measured here). Without the boundaries (evaluation, generation,
+    padded batches) it is transformers' own SDPA, mask and all.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                            cu_seq_lens_q=None, **kwargs):
+        if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling, **kwargs)
+        dtype = query.dtype
+        if query.device.type == "cpu":
+            query, key, value = query.float(), key.float(), value.float()
+        bounds = cu_seq_lens_q.tolist()
+        gqa = query.shape[1] != key.shape[1]
+        parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                dropout_p=dropout, scale=scaling, is_causal=True,
+                                                enable_gqa=gqa)
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    return PACKED_ATTENTION
+
+
 def attach_lora(model, lora, *, quantized: bool, gradient_checkpointing: bool):
     """Wrap ``model`` with a fresh LoRA adapter (``lora`` is llama_config.LoraSettings)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -1041,7 +1041,8 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
                   stage: str = "train", progress: bool = True) -> Trainer:
     """Load tokenizer and model through llama_model, tokenize, and return a ready Trainer."""
     # llama_model first: it quiets library noise before accelerate imports bitsandbytes
-    from llama_model import attach_lora, count_parameters, load_base_model, load_tokenizer
+    from llama_model import (attach_lora, count_parameters, load_base_model, load_tokenizer,
+                             packed_attention)
 
     import torch
     from transformers import set_seed
@@ -1056,7 +1057,8 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     quantized = cfg.model.quantization != "none"
     device_map = {"": accelerator.device} if quantized else None
     model = load_base_model(cfg.base_model, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
-                            device_map=device_map)
+                            device_map=device_map,
+                            attn_implementation=packed_attention() if cfg.data.packing else "sdpa")
     if cfg.model.method == "full":
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(

@@ -324,3 +324,34 @@ def test_lora_dropout_is_swapped_and_is_inverted_dropout(tiny_model_dir):
     assert torch.equal(drop(x), y)
     assert not torch.equal(drop(x), y)                     # the next call draws a new mask
     assert drop.eval()(x) is x
+
+
+def test_packed_attention_matches_the_masked_sdpa_path(tiny_model_dir):
+    """Per-example attention on a packed row (llama_model.packed_attention, given the collate's
+    cu_seq_lens) gives the loss and gradients of transformers' SDPA with the block-diagonal mask,
+    and falls back to that SDPA when no boundaries are passed."""
+    import torch
+
+    from llama_dataset import PromptFormat, encode_records, pack_collate
+    from llama_model import load_base_model, load_tokenizer, packed_attention
+    from llama_trainer import supervised_loss
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, _ = encode_records(tok, PromptFormat.for_tokenizer(tok), make_records(6), 256)
+    batch = pack_collate(examples)
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    n = sum(e.num_supervised for e in examples)
+    results = {}
+    for impl in ("sdpa", packed_attention()):
+        model = load_base_model(str(tiny_model_dir), dtype="float32", attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        loss = supervised_loss(model, batch, n)
+        loss.backward()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        with torch.no_grad():
+            plain = {k: v for k, v in batch.items() if not k.startswith("cu_seq_lens")}
+            fallback = supervised_loss(model, plain, n)
+        results[impl] = (loss.item(), grad, fallback.item())
+    (loss_a, grad_a, fb_a), (loss_b, grad_b, fb_b) = results.values()
+    assert abs(loss_a - loss_b) < 1e-5 and abs(fb_a - fb_b) < 1e-6
+    assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-4)
