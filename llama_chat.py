@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from llama_io import UsageError, run_main
+from llama_model import add_decoding_flags, decoding_problems
 
 DEMO_PROMPTS = (
     ("Classify the sentiment of this review as positive or negative.",
@@ -46,14 +47,7 @@ class ChatSettings:
     seed: int = 42                   # torch seed set once at start
 
     def problems(self) -> list[str]:
-        found = []
-        if self.max_new_tokens <= 0:
-            found.append(f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            found.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            found.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        return found
+        return decoding_problems(self.max_new_tokens, self.temperature, self.top_p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-demo", type=int, default=3,
                         help="records --demo takes from --dataset")
     defaults = ChatSettings()
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help="answer length limit")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p,
-                        help="nucleus sampling mass (with --temperature > 0)")
+    add_decoding_flags(parser, max_new_tokens=defaults.max_new_tokens,
+                       temperature=defaults.temperature, top_p=defaults.top_p)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="torch seed")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--use-4bit", action="store_true", help="load the base model in 4-bit nf4")

@@ -38,6 +38,7 @@ from llama_io import (EXIT_GATE, DataError, PipelineError, UsageError, git_commi
                       library_versions, now_iso, read_json, run_main, sha256_file,
                       verify_file_against_manifest, verify_manifest, write_json)
 from llama_metrics import mean, score_example, summarize_generations
+from llama_model import add_decoding_flags, decoding_problems
 
 SCHEMA_VERSION = 1
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
@@ -116,14 +117,10 @@ class GenerationSettings:
     seed: int = 42                   # torch seed set before each model's pass
 
     def problems(self) -> list[str]:
-        found = []
-        for name in ("max_new_tokens", "num_return_sequences", "batch_size"):
+        found = decoding_problems(self.max_new_tokens, self.temperature, self.top_p)
+        for name in ("num_return_sequences", "batch_size"):
             if getattr(self, name) <= 0:
                 found.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.temperature < 0:
-            found.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            found.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_return_sequences > 1 and self.temperature == 0:
             found.append("--num-return-sequences > 1 needs sampling: give --temperature > 0")
         return found
@@ -162,12 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token limit for the teacher-forced loss; None: the adapter's "
                              f"training max_length (else {DEFAULT_MAX_LENGTH})")
     defaults = GenerationSettings()
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help="generation limit per answer")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="sampling temperature; 0 = greedy decoding")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p,
-                        help="nucleus sampling mass (with --temperature > 0)")
+    add_decoding_flags(parser, max_new_tokens=defaults.max_new_tokens,
+                       temperature=defaults.temperature, top_p=defaults.top_p)
     parser.add_argument("--num-return-sequences", type=int,
                         default=defaults.num_return_sequences,
                         help="answers per prompt (needs --temperature > 0 when > 1)")
