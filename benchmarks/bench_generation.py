@@ -4,7 +4,7 @@
     python3 benchmarks/bench_generation.py                         # embedded SmolLM2-135M, fp32
     python3 benchmarks/bench_generation.py --tiny                  # a random tiny LLaMA (seconds)
     python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 16 \\
-        --num-prompts 32 --max-new-tokens 32
+        --num-prompts 32 --max-new-tokens 128
 
 Both runs use ``llama_model.generate_batch`` (left padding, KV cache, greedy) on the same prompts:
 the first --num-prompts records of the golden set, built with the chat template exactly as
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=32,
                         help="records taken from the start of --golden-set")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per batched call")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation limit")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="generation limit (128: llama_evaluate.py's default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (None: torch's default); on a busy machine fewer "
                              "threads than cores avoids oversubscription")
