@@ -297,7 +297,8 @@ def pack_collate(batch: Sequence[Encoded]) -> dict[str, Any]:
     position_ids, so no example attends to another (forward with ``use_cache=False``). Each
     example starts with a masked prompt token, so no label crosses a boundary. The example
     boundaries also go along as ``cu_seq_lens_q/k`` (transformers' varlen names), which
-    ``llama_model.packed_attention`` and flash-attention use to attend per example directly.
+    ``llama_model.packed_attention`` uses to attend per example directly; other attention
+    implementations ignore them.
     """
     import itertools
 
