@@ -88,6 +88,10 @@ def _check_record(record: Any, path: Path, lineno: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Prompt format
 
+_SENTINEL = "\ue000"                     # a private-use character no template mentions
+_TEMPLATE_PROBES = ("x", "  padded both ends \n", "line one\n\nline two\n\n",
+                    "{{ braces }} {% tag %} [INST] <|im_end|> </s> <s>", "naïve — 日本語 ✓")
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How a prompt is built from instruction + context; saved as ``prompt_format.json``."""
@@ -129,11 +133,36 @@ class PromptFormat:
             if self.system_prompt:
                 return LLAMA2_SYSTEM_TEMPLATE.format(system=self.system_prompt, user=user)
             return LLAMA2_TEMPLATE.format(user=user)
+        split = self._template_split(tokenizer)
+        return split[0] + user + split[1] if split else self._apply_template(tokenizer, user)
+
+    def _apply_template(self, tokenizer, user: str) -> str:
         messages = [{"role": "user", "content": user}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                              tokenize=False, add_generation_prompt=True)
+
+    def _template_split(self, tokenizer) -> tuple[str, str] | None:
+        """(text before, text after) the user message, when the chat template inserts the message
+        verbatim; None when it edits or inspects it (then every prompt is rendered in full).
+
+        Rendering the Jinja template costs ~60 us a record, a third of prep's tokenize phase; the
+        split is checked on probe messages (whitespace at the ends, blank lines, template syntax,
+        special-token text, non-ASCII) before it is trusted.
+        """
+        cached = self.__dict__.get("_split")
+        if cached is not None and cached[0] is tokenizer:
+            return cached[1]
+        rendered = self._apply_template(tokenizer, _SENTINEL)
+        split = None
+        if rendered.count(_SENTINEL) == 1:
+            before, after = rendered.split(_SENTINEL)
+            if all(self._apply_template(tokenizer, probe) == before + probe + after
+                   for probe in _TEMPLATE_PROBES):
+                split = (before, after)
+        self.__dict__["_split"] = (tokenizer, split)      # a cache, not a field: not saved
+        return split
 
     def encode_prompt(self, tokenizer, instruction: str, context: str = "") -> list[int]:
         text = self.render(tokenizer, instruction, context)
@@ -229,11 +258,19 @@ def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any
     if not records:
         return [], []
     prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=fmt.adds_special_tokens,
-                           return_attention_mask=False)["input_ids"]
-    response_ids = tokenizer([r["response"] for r in records], add_special_tokens=False,
-                             return_attention_mask=False)["input_ids"]
-    return [list(p) for p in prompt_ids], [list(r) for r in response_ids]
+    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens),
+            _encode_many(tokenizer, [r["response"] for r in records], False))
+
+
+def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts; a fast tokenizer's Rust backend is called directly (the
+    transformers wrapper's per-text conversion costs 4x the encoding itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens,
+                    return_attention_mask=False)["input_ids"]
+    return [list(x) for x in ids]
 
 
 def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any]],

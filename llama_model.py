@@ -174,6 +174,26 @@ def choose_dtype(requested: str = "auto"):
     return torch.bfloat16
 
 
+def save_tiny_llama(out_dir: str | os.PathLike) -> Path:
+    """A random-weight LlamaForCausalLM (2 layers, hidden 64, tied embeddings, a few MB) saved
+    with the embedded model's tokenizer and chat template: the stand-in that the tests and the
+    benchmarks' quick modes train, evaluate and package without downloading anything."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(verbose=False))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def load_tokenizer(name_or_path: str):
     """Load the tokenizer; give it a pad token distinct from EOS when the vocabulary has one."""
     from transformers import AutoTokenizer
@@ -473,10 +493,22 @@ class Generation:
     stopped: bool           # ended with EOS before max_new_tokens
 
 
+# generation_config keys that leave greedy decoding alone (sampling settings are overridden)
+_GREEDY_SAFE_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                     "use_cache", "output_attentions", "output_hidden_states", "do_sample",
+                     "temperature", "top_p", "top_k", "max_length", "max_new_tokens",
+                     "transformers_version", "_from_model_config", "cache_implementation"}
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
                    streamer=None) -> list[Generation]:
-    """Generate for token-id prompts in one left-padded batch (KV cache, greedy by default)."""
+    """Generate for token-id prompts in one left-padded batch (KV cache, greedy by default).
+
+    Greedy decoding runs ``greedy_shrinking`` (rows leave the batch at EOS) when the model's
+    generation config asks for no extra logits processing; sampling, several return sequences,
+    a streamer or such a config go through ``model.generate``.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -487,18 +519,26 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(list(p))
         mask[row, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     sample = temperature > 0
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
-              "eos_token_id": tokenizer.eos_token_id, "num_return_sequences": num_return_sequences,
-              "use_cache": True, "streamer": streamer}
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
+    config = getattr(model, "generation_config", None)
+    plain = config is None or set(config.to_diff_dict()) <= _GREEDY_SAFE_KEYS
+    if not sample and num_return_sequences == 1 and streamer is None and plain:
+        rows = greedy_shrinking(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
     else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
+                  "eos_token_id": tokenizer.eos_token_id,
+                  "num_return_sequences": num_return_sequences, "use_cache": True,
+                  "streamer": streamer}
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        rows = out[:, width:].tolist()
     results = []
-    for row in out[:, width:].tolist():
+    for row in rows:
         tokens = []
         for t in row:
             if t == tokenizer.eos_token_id:
@@ -508,6 +548,48 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
         results.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                                   tokens, stopped))
     return results
+
+
+def greedy_shrinking(model, ids, mask, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch in which a row leaves the batch (and the KV cache)
+    as soon as it emits ``eos_id``: later steps only compute the rows still generating.
+
+    ``model.generate`` keeps finished rows to the end, so on CPU a batch whose answers differ in
+    length spends most of its decode steps on padding. Token ids per row, EOS included when it
+    was emitted; the same ids as ``model.generate(do_sample=False)`` (a test checks).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    n = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    positions = mask.long().cumsum(-1) - 1
+    positions.masked_fill_(mask == 0, 1)                # as generate() fills padding positions
+    last = positions[:, -1]
+    active = torch.arange(n, device=ids.device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            for row, t in zip(active.tolist(), token.tolist()):
+                out[row].append(t)
+            if step == max_new_tokens - 1:
+                break
+            going = token != eos_id
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, token, mask, last = active[keep], token[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            last = last + 1
+            logits = model(input_ids=token[:, None], attention_mask=mask,
+                           position_ids=last[:, None], past_key_values=cache,
+                           use_cache=True).logits
+    return out
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int,

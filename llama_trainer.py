@@ -36,7 +36,7 @@ from typing import Any, Callable
 from llama_config import RunConfig
 from llama_dataset import Encoded, PromptFormat, collate, encode_records, token_stats
 from llama_io import (EXIT_GATE, EXIT_INTERRUPTED, DataError, PipelineError, StorageError,
-                      UsageError, describe_inputs, now_iso, write_json, write_manifest)
+                      UsageError, now_iso, write_json, write_manifest)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -304,7 +304,6 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step>/ atomically; rotate only after it is complete."""
-        import torch
         from safetensors.torch import save_file
 
         step = self.state["step"]
@@ -490,7 +489,6 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, resume: Path | None = None) -> TrainResult:
-        import torch
         from tqdm.auto import tqdm
 
         cfg = self.cfg

@@ -57,24 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_tiny_model(out_dir: Path) -> Path:
-    """A random-weight 2-layer LlamaForCausalLM saved with the embedded model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from llama_model import ensure_embedded_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -162,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise UsageError("; ".join(problems))
         from llama_config import EMBEDDED_MODEL_ID
+        from llama_model import save_tiny_llama
 
         with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
-            model_path = str(build_tiny_model(Path(tmp))) if args.tiny else \
+            model_path = str(save_tiny_llama(Path(tmp))) if args.tiny else \
                 args.model or EMBEDDED_MODEL_ID
             result = benchmark(model_path, args)
         if args.tiny:

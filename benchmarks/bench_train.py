@@ -322,25 +322,6 @@ def attention_context(examples: Sequence[dict[str, list[int]]]) -> float:
     return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
 
 
-def build_tiny_model(out_dir: Path) -> Path:
-    """The test suite's tiny LLaMA: 2 layers, hidden 64, tied embeddings, embedded tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from llama_model import ensure_embedded_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 def matmul_params(model) -> dict[str, int]:
     """Weights of every nn.Linear (LoRA A/B included, the tied LM head once) by trainability."""
     import torch
@@ -754,9 +735,10 @@ class Benchmark:
 
     def prepare_model(self, name: str, tmp: Path) -> dict[str, Any]:
         from llama_config import EMBEDDED_MODEL_ID
+        from llama_model import save_tiny_llama
 
         if name == "tiny":
-            path = self.args.tiny_model_dir or str(build_tiny_model(tmp / "tiny-model"))
+            path = self.args.tiny_model_dir or str(save_tiny_llama(tmp / "tiny-model"))
         else:
             path = EMBEDDED_MODEL_ID
         cfg = resolve_run_config(self.args, path)

@@ -66,6 +66,41 @@ def test_prompt_is_masked_and_response_plus_eos_supervised(tok, formats):
     assert formats["instruction"].render(tok, "Do it", "").startswith("### Instruction:\nDo it")
 
 
+@given(instruction=NONEMPTY, context=TEXT)
+@PROPERTY
+def test_chat_prompt_fast_path_renders_what_the_template_renders(tok, formats, instruction,
+                                                                 context):
+    fmt = formats["chat_template"]
+    assert fmt._template_split(tok) is not None           # SmolLM2's template: verbatim
+    user = fmt.user_message(instruction, context)
+    assert fmt.render(tok, instruction, context) == fmt._apply_template(tok, user)
+
+
+@pytest.mark.parametrize("content", ["message['content'] | trim",
+                                     "message['content'] if 'x' not in message['content'] "
+                                     "else message['content'] | upper"])
+def test_chat_template_that_edits_the_message_is_rendered_in_full(tok, content):
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                "{{ " + content + " }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    fmt = PromptFormat(style="chat_template", chat_template=template)
+    assert fmt._template_split(tok) is None
+    for text in (" padded ", "a box"):
+        assert fmt.render(tok, text) == tok.apply_chat_template(
+            [{"role": "user", "content": text}], chat_template=template, tokenize=False,
+            add_generation_prompt=True)
+
+
+def test_batch_encoding_matches_the_tokenizer_call(tok, formats):
+    from llama_dataset import tokenize_batch
+
+    records = make_records(12)
+    for fmt in formats.values():
+        prompts, responses = tokenize_batch(tok, fmt, records)
+        for record, p_ids, r_ids in zip(records, prompts, responses):
+            assert p_ids == fmt.encode_prompt(tok, record["instruction"], record["context"])
+            assert r_ids == tok(record["response"], add_special_tokens=False)["input_ids"]
+
+
 def test_eos_survives_when_pad_equals_eos(tok, formats):
     same = copy.deepcopy(tok)
     same.pad_token = same.eos_token

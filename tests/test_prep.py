@@ -9,11 +9,13 @@ import csv
 import gzip
 import io
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -344,6 +346,53 @@ def test_pii_is_scrubbed_everywhere_and_counted(tmp_path):
     assert run.pii == {"email": 2, "phone": 1, "records": 1}
     run, _ = read_phase(tmp_path, lines, pii_scrub=False)
     assert run.kept[0].record["context"] == "Call 020 7946 0958" and not run.pii
+
+
+@pytest.mark.parametrize("text", ["", "ab", "hello", "hello world, this is text",
+                                  "naïve café — ünïcode text " * 7])
+def test_minhasher_matches_datasketch_minhash(text):
+    from datasketch import MinHash
+
+    reference = MinHash(num_perm=prep.NUM_PERM, seed=1, scheme="affine32",
+                        hashfunc=prep.shingle_hash)
+    reference.update_batch(prep.shingles(text))
+    signature = prep.MinHasher()(text)
+    assert signature.dtype == reference.hashvalues.dtype
+    assert (signature == reference.hashvalues).all()
+
+
+def test_minhash_bands_find_what_datasketch_lsh_finds():
+    from datasketch import LeanMinHash, MinHashLSH
+
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "zeta"]
+    base = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(30)]
+    texts = base + [t[:-rng.randint(1, 30)] + " extra" for t in base]     # near copies
+    minhash = prep.MinHasher()
+    signatures = [minhash(t) for t in texts]
+    ours = prep.MinHashBands(0.8)
+    theirs = MinHashLSH(threshold=0.8, num_perm=prep.NUM_PERM)
+    for key, sig in enumerate(signatures):
+        ours.insert(key, sig)
+        theirs.insert(key, LeanMinHash(seed=1, hashvalues=sig, scheme="affine32"))
+    found = 0
+    for sig in signatures:
+        expected = sorted(theirs.query(LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")))
+        assert ours.query(sig) == expected
+        found += len(expected) > 1
+    assert found >= 30                      # the near copies did collide
+
+
+def test_best_match_prefers_the_highest_accepted_score():
+    sig = np.arange(10, dtype=np.uint32)
+    stored = {1: sig.copy(), 2: sig.copy(), 3: sig.copy()}
+    stored[1][:2] = 99                       # 0.8
+    stored[3][:1] = 99                       # 0.9
+    get = stored.__getitem__
+    assert prep.best_match(sig, [1, 2, 3], get, 0.85) == (2, 1.0)
+    assert prep.best_match(sig, [1, 2, 3], get, 0.85, accept=lambda k: k != 2) == (3, 0.9)
+    assert prep.best_match(sig, [1, 2, 3], get, 0.85, accept=lambda k: k == 1) is None
+    assert prep.best_match(sig, [], get, 0.5) is None
 
 
 def test_exact_and_near_duplicates_are_removed_and_counted(tmp_path):
