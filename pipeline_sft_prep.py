@@ -30,14 +30,16 @@ import codecs
 import csv
 import gzip
 import hashlib
+import itertools
 import json
 import math
+import os
 import random
 import re
 import sys
 import time
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -72,6 +74,9 @@ EVALS_PER_RUN = 5            # evaluations the derived eval_steps gives over a r
 WARMUP_SHARE = 0.05          # share of the run the derived warmup_steps covers
 LENGTH_MULTIPLE = 64         # the derived max_length is rounded up to a multiple of this
 TOKENIZE_CHUNK = 2048        # records per fast-tokenizer batch call
+PREP_CHUNK = 512             # records per task sent to a worker process
+PARALLEL_MIN_BYTES = 16 * 2**20   # inputs at least this big use worker processes by default
+MAX_AUTO_WORKERS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +105,7 @@ class PrepConfig:
     contamination_threshold: float = 0.85     # MinHash Jaccard train vs golden/test
     contamination_ngram: int = 13             # shared word n-gram that marks a leak
     pii_scrub: bool = True
+    workers: int | None = None                # processes for per-record work; None: auto
 
     def problems(self) -> list[str]:
         """Every problem with the options, so they are reported at once."""
@@ -126,6 +132,8 @@ class PrepConfig:
         for name in ("dedup_threshold", "contamination_threshold"):
             if not 0.0 < getattr(self, name) < 1.0:
                 out.append(f"--{name.replace('_', '-')} must be in (0, 1)")
+        if self.workers is not None and self.workers < 0:
+            out.append("--workers must be >= 0")
         if self.contamination_ngram < 5:
             out.append("--contamination-ngram must be at least 5 words")
         if self.model_size is not None:
@@ -739,14 +747,35 @@ class MinHashBands:
         return sorted(found)
 
 
+class SignatureStore:
+    """MinHash signatures as rows of one growing uint32 matrix: 512 bytes a record instead of a
+    numpy object each, and the candidates of a query are compared in one indexing operation."""
 
-def best_match(signature: np.ndarray, candidates: list, get, threshold: float, accept=None
-               ) -> tuple[Any, float] | None:
-    """The candidate whose signature agrees most with ``signature`` (estimated Jaccard), if at
-    or over ``threshold`` (and ``accept(candidate)`` holds). Ties go to the earliest candidate."""
+    def __init__(self, num_perm: int = NUM_PERM):
+        self._rows = np.empty((1024, num_perm), dtype=np.uint32)
+        self.size = 0
+
+    def append(self, signature: np.ndarray) -> int:
+        if self.size == len(self._rows):
+            grown = np.empty((2 * len(self._rows), self._rows.shape[1]), dtype=np.uint32)
+            grown[:self.size] = self._rows
+            self._rows = grown
+        self._rows[self.size] = signature
+        self.size += 1
+        return self.size - 1
+
+    def __getitem__(self, rows):
+        return self._rows[:self.size][rows]
+
+
+def best_match(signature: np.ndarray, candidates: list[int], store: SignatureStore,
+               threshold: float, accept=None) -> tuple[int, float] | None:
+    """The candidate (a row of ``store``) whose signature agrees most with ``signature``
+    (estimated Jaccard), if at or over ``threshold`` and ``accept(candidate)`` holds. Ties go to
+    the earliest candidate."""
     if not candidates:
         return None
-    scores = (np.stack([get(key) for key in candidates]) == signature).mean(axis=1)
+    scores = (store[candidates] == signature).mean(axis=1)
     for k in np.argsort(-scores, kind="stable"):
         if scores[k] < threshold:
             break
@@ -762,27 +791,101 @@ def text_jaccard(a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
+@dataclass
+class Prepared:
+    """A record after the work that needs no other record (done in worker processes)."""
+    record: dict[str, Any]
+    shape: str
+    raw_quality: Any
+    cleaning: set[str]
+    pii: Counter
+    key: bytes                    # exact-duplicate key
+    signature: np.ndarray         # MinHash of the fuzzy text
+
+
+def clean_record(record: dict[str, Any], pii_scrub: bool) -> tuple[set[str], Counter]:
+    """Clean the text fields and scrub PII in place; what changed and what was scrubbed.
+    A record left without instruction or response raises RecordError (which still carries
+    what was changed and scrubbed: the report counts the cleaning of every record)."""
+    changed: set[str] = set()
+    for key in ("instruction", "context", "response"):
+        record[key], what = clean_text(record[key])
+        changed |= what
+    category = clean_text(record["category"] or "")[0]
+    record["category"] = category or DEFAULT_CATEGORY
+    found: Counter = Counter()
+    if pii_scrub:
+        for key in ("instruction", "context", "response", "metadata"):
+            record[key] = _scrub_value(record[key], found)
+    for key in ("instruction", "response"):
+        if not record[key]:
+            exc = RecordError(f"empty_{key}", f"the {key} is empty after cleaning")
+            exc.cleaning, exc.pii = changed, found
+            raise exc
+    return changed, found
+
+
+Rejected = tuple[str, str, set, Counter]          # (reason, detail, cleaning, pii)
+
+
+def _rejected(exc: "RecordError") -> Rejected:
+    return (exc.reason, exc.detail, getattr(exc, "cleaning", set()),
+            getattr(exc, "pii", Counter()))
+
+
+def prepare_record(value: dict[str, Any], field_map: dict[str, str], pii_scrub: bool,
+                   minhash: "MinHasher") -> Prepared:
+    """Validate, clean, scrub, key and MinHash one input object (raises RecordError)."""
+    record, shape, raw_quality = to_record(value, field_map)
+    changed, found = clean_record(record, pii_scrub)
+    return Prepared(record, shape, raw_quality, changed, found, exact_key(record),
+                    minhash(fuzzy_text(record)))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(field_map: dict[str, str], pii_scrub: bool) -> None:
+    _WORKER.update(field_map=field_map, pii_scrub=pii_scrub, minhash=MinHasher())
+
+
+def _prepare_chunk(values: list[dict[str, Any]]) -> list[Prepared | Rejected]:
+    """prepare_record over a chunk in a worker; a rejected record comes back as a tuple."""
+    out: list[Prepared | Rejected] = []
+    for value in values:
+        try:
+            out.append(prepare_record(value, _WORKER["field_map"], _WORKER["pii_scrub"],
+                                      _WORKER["minhash"]))
+        except RecordError as exc:
+            out.append(_rejected(exc))
+    return out
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
 class NearDuplicateIndex:
     """MinHash LSH over kept records; a candidate counts only if its estimated Jaccard passes."""
 
-    def __init__(self, threshold: float, num_perm: int = NUM_PERM):
-        self.threshold = threshold
+    def __init__(self, threshold: float, store: SignatureStore, num_perm: int = NUM_PERM):
+        self.threshold, self.store = threshold, store
         self.minhash = MinHasher(num_perm)
         self.lsh = MinHashBands(_lsh_threshold(threshold), num_perm)
-        self.keys: list[Any] = []
-        self.stored: list[np.ndarray] = []
+        self.keys: dict[int, Any] = {}
 
     def best_match(self, signature: np.ndarray, accept=None) -> tuple[int, float] | None:
-        """(position, Jaccard) of the most similar indexed item at or over the threshold."""
-        return best_match(signature, self.lsh.query(signature),
-                          self.stored.__getitem__, self.threshold, accept)
+        """(store row, Jaccard) of the most similar indexed item at or over the threshold."""
+        return best_match(signature, self.lsh.query(signature), self.store, self.threshold,
+                          accept)
 
     def add(self, signature: np.ndarray, key: Any) -> int:
-        pos = len(self.keys)
-        self.keys.append(key)
-        self.stored.append(signature)
-        self.lsh.insert(pos, signature)
-        return pos
+        """Store and index ``signature``; returns its row in the store."""
+        row = self.store.append(signature)
+        self.keys[row] = key
+        self.lsh.insert(row, signature)
+        return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,7 +929,7 @@ class Kept:
     file: str
     loc: dict[str, int]
     quality: float | None
-    minhash: Any = None
+    signature: int = -1                   # row in Prep.signatures
     tokens: int = 0
     supervised: int = 0
     truncated: bool = False
@@ -954,6 +1057,7 @@ class Prep:
         self.tokenizer, self.fmt = tokenizer, prompt_format
         self.progress = progress
         self.kept: list[Kept] = []
+        self.signatures = SignatureStore()
         self.stats: Counter = Counter()
         self.shapes: Counter = Counter()
         self.cleaning: Counter = Counter()
@@ -974,54 +1078,109 @@ class Prep:
     def read(self) -> None:
         seen_keys: dict[bytes, str] = {}
         seen_ids: dict[str, str] = {}
-        index = NearDuplicateIndex(self.cfg.dedup_threshold)
-        with self._bar(desc="reading", unit=" records") as bar:
-            for name in self.cfg.enriched:
-                path = Path(name)
-                fmt = detect_format(path, self.cfg.input_format)
-                before = self.stats["records"]
-                blank = self.stats["blank_lines"]
-                for item in read_items(path, fmt, self.stats):
-                    self.stats["records"] += 1
-                    bar.update(1)
-                    self._take(item, seen_keys, seen_ids, index)
-                self.inputs.append({"path": name, "format": fmt,
-                                    "records": self.stats["records"] - before,
-                                    "blank_lines": self.stats["blank_lines"] - blank})
+        index = NearDuplicateIndex(self.cfg.dedup_threshold, self.signatures)
+        workers = self.worker_count()
+        pool = None
+        if workers:
+            import multiprocessing
 
-    def _take(self, item: Item, seen_keys: dict[bytes, str], seen_ids: dict[str, str],
+            # fork where there is one: spawn would re-run the caller's main module
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = multiprocessing.get_context(method).Pool(
+                workers, _worker_init, (self.cfg.field_map, self.cfg.pii_scrub))
+        try:
+            with self._bar(desc="reading", unit=" records") as bar:
+                for name in self.cfg.enriched:
+                    path = Path(name)
+                    fmt = detect_format(path, self.cfg.input_format)
+                    before = self.stats["records"]
+                    blank = self.stats["blank_lines"]
+                    items = read_items(path, fmt, self.stats)
+                    for item, prepared in (self._prepare_in_pool(items, pool, workers) if pool
+                                           else self._prepare_here(items, index.minhash)):
+                        self.stats["records"] += 1
+                        bar.update(1)
+                        self._take(item, prepared, seen_keys, seen_ids, index)
+                    self.inputs.append({"path": name, "format": fmt,
+                                        "records": self.stats["records"] - before,
+                                        "blank_lines": self.stats["blank_lines"] - blank})
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    def worker_count(self) -> int:
+        """Worker processes for this run: --workers, or by input size and CPU count."""
+        if self.cfg.workers is not None:
+            return self.cfg.workers if self.cfg.workers > 1 else 0
+        size = sum(Path(name).stat().st_size for name in self.cfg.enriched)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        return min(cpus, MAX_AUTO_WORKERS) if size >= PARALLEL_MIN_BYTES and cpus > 1 else 0
+
+    def _prepare_here(self, items: Iterator[Item], minhash: MinHasher):
+        for item in items:
+            if item.reason:
+                yield item, None
+                continue
+            try:
+                yield item, prepare_record(item.value, self.cfg.field_map, self.cfg.pii_scrub,
+                                           minhash)
+            except RecordError as exc:
+                yield item, _rejected(exc)
+
+    def _prepare_in_pool(self, items: Iterator[Item], pool, workers: int):
+        """(item, prepared) in input order; a few chunks in flight, so memory stays flat."""
+        pending: deque = deque()
+
+        def finish():
+            chunk, result = pending.popleft()
+            prepared = iter(result.get())
+            for item in chunk:
+                yield item, None if item.reason else next(prepared)
+
+        for chunk in _chunks(items, PREP_CHUNK):
+            values = [item.value for item in chunk if not item.reason]
+            pending.append((chunk, pool.apply_async(_prepare_chunk, (values,))))
+            if len(pending) > 2 * workers:
+                yield from finish()
+        while pending:
+            yield from finish()
+
+    def _take(self, item: Item, prepared: Prepared | Rejected | None,
+              seen_keys: dict[bytes, str], seen_ids: dict[str, str],
               index: NearDuplicateIndex) -> None:
         if item.reason:
             self.rejects.add(item.reason, item.detail, item.file, item.loc,
                              excerpt=item.excerpt, **item.extra)
             return
-        try:
-            record, shape, raw_quality = to_record(item.value, self.cfg.field_map)
-            record = self._clean(record)
-        except RecordError as exc:
+        if isinstance(prepared, tuple):
+            self._count_cleaning(prepared[2], prepared[3])
             excerpt = _excerpt(json.dumps(item.value, ensure_ascii=False))
             rec_id = item.value.get(self.cfg.field_map.get("id", "id"))
-            self.rejects.add(exc.reason, exc.detail, item.file, item.loc,
+            self.rejects.add(prepared[0], prepared[1], item.file, item.loc,
                              rec_id=str(rec_id) if isinstance(rec_id, (str, int)) else None,
                              excerpt=excerpt)
             return
-        self.shapes[shape] += 1
-        quality = self._quality(raw_quality)
+        record = prepared.record
+        self._count_cleaning(prepared.cleaning, prepared.pii)
+        self.shapes[prepared.shape] += 1
+        quality = self._quality(prepared.raw_quality)
         where = f"{item.file}:{item.loc.get('line', item.loc.get('index'))}"
         if self.cfg.min_quality is not None and quality is not None \
                 and quality < self.cfg.min_quality:
             self.rejects.add("low_quality", f"quality {quality:g} < --min-quality "
                              f"{self.cfg.min_quality:g}", item.file, item.loc, rec_id=record["id"])
             return
-        key = exact_key(record)
+        key = prepared.key
         if key in seen_keys:
             self.rejects.add("duplicate", "same prompt and response as an earlier record "
                              "(after normalization)", item.file, item.loc, rec_id=record["id"],
                              duplicate_of=seen_keys[key])
             return
-        mh = index.minhash(fuzzy_text(record))
-        same_answer = lambda pos: text_jaccard(  # noqa: E731
-            record["response"], self.kept[pos].record["response"]) >= self.cfg.dedup_threshold
+        mh = prepared.signature
+        # while reading, store row i belongs to self.kept[i] (both grow only here)
+        same_answer = lambda row: text_jaccard(  # noqa: E731
+            record["response"], self.kept[row].record["response"]) >= self.cfg.dedup_threshold
         match = index.best_match(mh, same_answer)
         if match is not None:
             other = index.keys[match[0]]
@@ -1037,29 +1196,14 @@ class Prep:
             return
         seen_keys[key] = record["id"]
         seen_ids[record["id"]] = where
-        index.add(mh, record["id"])
-        self.kept.append(Kept(record, item.file, item.loc, quality, mh))
+        row = index.add(mh, record["id"])
+        self.kept.append(Kept(record, item.file, item.loc, quality, row))
 
-    def _clean(self, record: dict[str, Any]) -> dict[str, Any]:
-        changed: set[str] = set()
-        for key in ("instruction", "context", "response"):
-            record[key], what = clean_text(record[key])
-            changed |= what
-        category = clean_text(record["category"] or "")[0]
-        record["category"] = category or DEFAULT_CATEGORY
-        self.cleaning.update(changed)
-        if self.cfg.pii_scrub:
-            found: Counter = Counter()
-            for key in ("instruction", "context", "response", "metadata"):
-                record[key] = _scrub_value(record[key], found)
-            if found:
-                self.pii.update(found)
-                self.pii["records"] += 1
-        if not record["instruction"]:
-            raise RecordError("empty_instruction", "the instruction is empty after cleaning")
-        if not record["response"]:
-            raise RecordError("empty_response", "the response is empty after cleaning")
-        return record
+    def _count_cleaning(self, cleaning: set[str], pii: Counter) -> None:
+        self.cleaning.update(cleaning)
+        if pii:
+            self.pii.update(pii)
+            self.pii["records"] += 1
 
     def _quality(self, raw: Any) -> float | None:
         quality = parse_quality(raw)
@@ -1136,11 +1280,15 @@ class Prep:
         n_gram = self.cfg.contamination_ngram
         eval_idx = [i for i, s in enumerate(self.splits) if s in ("golden", "test")]
         lsh = MinHashBands(_lsh_threshold(self.cfg.contamination_threshold))
+        eval_of_row: dict[int, int] = {}                  # signature row -> kept index
         eval_grams: dict[str, list[int]] = defaultdict(list)
         for i in eval_idx:
-            lsh.insert(i, self.kept[i].minhash)
+            row = self.kept[i].signature
+            lsh.insert(row, self.signatures[row])
+            eval_of_row[row] = i
             for g in sorted(ngrams(fuzzy_text(self.kept[i].record), n_gram)):
                 eval_grams[g].append(i)
+        eval_arrays = {g: np.array(js, dtype=np.int64) for g, js in eval_grams.items()}
         df: Counter = Counter()
         shared_by: dict[int, list[str]] = {}
         for i, kept in enumerate(self._bar(self.kept, desc="contamination", unit=" records")):
@@ -1156,8 +1304,8 @@ class Prep:
         for i, split in enumerate(self.splits):
             if split != "train":
                 continue
-            found = self._near_leak(i, lsh) or self._ngram_leak(
-                [g for g in shared_by.get(i, []) if df[g] <= boilerplate_df], eval_grams)
+            found = self._near_leak(i, lsh, eval_of_row) or self._ngram_leak(
+                [g for g in shared_by.get(i, []) if df[g] <= boilerplate_df], eval_arrays)
             if found is None:
                 continue
             kind, other, detail = found
@@ -1177,23 +1325,29 @@ class Prep:
                               "ngram_words": n_gram, "ngram_min_shared": n_gram,
                               "ngram_boilerplate_df": boilerplate_df}
 
-    def _near_leak(self, i: int, lsh: MinHashBands) -> tuple[str, int, str] | None:
-        mh = self.kept[i].minhash
-        best = best_match(mh, lsh.query(mh), lambda j: self.kept[j].minhash,
+    def _near_leak(self, i: int, lsh: MinHashBands, eval_of_row: dict[int, int]
+                   ) -> tuple[str, int, str] | None:
+        signature = self.signatures[self.kept[i].signature]
+        best = best_match(signature, lsh.query(signature), self.signatures,
                           self.cfg.contamination_threshold)
         if best is None:
             return None
-        return "near_duplicate", best[0], f"near-duplicate (Jaccard {best[1]:.2f}) of"
+        return ("near_duplicate", eval_of_row[best[0]],
+                f"near-duplicate (Jaccard {best[1]:.2f}) of")
 
-    def _ngram_leak(self, grams: list[str], eval_grams: dict[str, list[int]]
+    def _ngram_leak(self, grams: list[str], eval_arrays: dict[str, np.ndarray]
                     ) -> tuple[str, int, str] | None:
-        per_eval: Counter = Counter(j for g in grams for j in eval_grams[g])
-        if not per_eval:
+        """The eval record sharing the most of ``grams`` (the lowest index on a tie), if it
+        shares at least --contamination-ngram of them."""
+        if not grams:
             return None
-        j, count = min(per_eval.items(), key=lambda kv: (-kv[1], kv[0]))
+        evals, counts = np.unique(np.concatenate([eval_arrays[g] for g in grams]),
+                                  return_counts=True)
+        best = int(np.argmax(counts))                     # first maximum: the lowest index
+        j, count = int(evals[best]), int(counts[best])
         if count < self.cfg.contamination_ngram:
             return None
-        example = next(g for g in grams if j in eval_grams[g])
+        example = next(g for g in grams if j in eval_arrays[g])
         return "ngram_overlap", j, (f"shares {count} {self.cfg.contamination_ngram}-word "
                                     f"passages (e.g. '{example}') with")
 
@@ -1423,6 +1577,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shared word n-gram this long (not template text) marks a leak")
     p.add_argument("--no-pii-scrub", dest="pii_scrub", action="store_false",
                    help="keep e-mail addresses, phone numbers and API keys as they are")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="processes for the per-record work (parse, clean, scrub, MinHash); "
+                        f"default: the CPU count (at most {MAX_AUTO_WORKERS}) for inputs over "
+                        f"{PARALLEL_MIN_BYTES // 2**20} MB, else 0 (in this process); the "
+                        "outputs are the same either way")
     return p
 
 

@@ -103,6 +103,7 @@ def run_size(n: int, tokenizer: str, data_dir: Path) -> dict:
     phases["write"] = time.perf_counter() - t
     total = sum(phases.values())
     return {"records": n, "kept": len(run.kept), "rejected": report["counts"]["rejected"],
+            "workers": run.worker_count(), "cpus": os.cpu_count(),
             "total_s": round(total, 3), "records_per_s": round(n / total, 1),
             "phases_s": {k: round(v, 3) for k, v in phases.items()},
             "tokenize_records_per_s": round(n / phases["tokenize"], 1),

@@ -384,15 +384,36 @@ def test_minhash_bands_find_what_datasketch_lsh_finds():
 
 
 def test_best_match_prefers_the_highest_accepted_score():
+    store = prep.SignatureStore(num_perm=10)
     sig = np.arange(10, dtype=np.uint32)
-    stored = {1: sig.copy(), 2: sig.copy(), 3: sig.copy()}
-    stored[1][:2] = 99                       # 0.8
-    stored[3][:1] = 99                       # 0.9
-    get = stored.__getitem__
-    assert prep.best_match(sig, [1, 2, 3], get, 0.85) == (2, 1.0)
-    assert prep.best_match(sig, [1, 2, 3], get, 0.85, accept=lambda k: k != 2) == (3, 0.9)
-    assert prep.best_match(sig, [1, 2, 3], get, 0.85, accept=lambda k: k == 1) is None
-    assert prep.best_match(sig, [], get, 0.5) is None
+    for changed in (2, 0, 1):               # rows 0, 1, 2 agree on 0.8, 1.0, 0.9 of the values
+        row = sig.copy()
+        row[:changed] = 99
+        store.append(row)
+    assert prep.best_match(sig, [0, 1, 2], store, 0.85) == (1, 1.0)
+    assert prep.best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k != 1) == (2, 0.9)
+    assert prep.best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k == 0) is None
+    assert prep.best_match(sig, [], store, 0.5) is None
+
+
+def test_signature_store_grows_and_keeps_rows():
+    store = prep.SignatureStore(num_perm=4)
+    rows = [np.full(4, i, dtype=np.uint32) for i in range(2500)]     # past two doublings
+    assert [store.append(r) for r in rows] == list(range(2500))
+    assert (store[[0, 1024, 2499]] == np.array([[0] * 4, [1024] * 4, [2499] * 4])).all()
+
+
+def test_worker_processes_write_the_same_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    outs = []
+    for workers in (0, 2):
+        out = tmp_path / f"out-{workers}"
+        assert prep.main(["--enriched", "data/demo_enriched.jsonl", "--output-dir", str(out),
+                          "--workers", str(workers)]) == 0
+        outs.append(out)
+    for name in prep.OUTPUT_FILES:
+        if name != "manifest.json":
+            assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
 def test_exact_and_near_duplicates_are_removed_and_counted(tmp_path):
