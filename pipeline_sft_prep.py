@@ -36,6 +36,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import unicodedata
@@ -846,6 +847,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(field_map: dict[str, str], pii_scrub: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the main process's to handle
     _WORKER.update(field_map=field_map, pii_scrub=pii_scrub, minhash=MinHasher())
 
 
@@ -859,6 +861,20 @@ def _prepare_chunk(values: list[dict[str, Any]]) -> list[Prepared | Rejected]:
         except RecordError as exc:
             out.append(_rejected(exc))
     return out
+
+
+def _ordered_map(pool, fn, tasks: Iterator[tuple[Any, Any]], in_flight: int):
+    """(context, fn(arg)) for each (context, arg) of ``tasks``, in order, computed in ``pool``
+    with at most ``in_flight`` tasks queued (``Pool.imap`` would queue all of them at once)."""
+    pending: deque = deque()
+    for context, arg in tasks:
+        pending.append((context, pool.apply_async(fn, (arg,))))
+        if len(pending) > in_flight:
+            context, result = pending.popleft()
+            yield context, result.get()
+    while pending:
+        context, result = pending.popleft()
+        yield context, result.get()
 
 
 def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -1084,9 +1100,7 @@ class Prep:
         if workers:
             import multiprocessing
 
-            # fork where there is one: spawn would re-run the caller's main module
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(
+            pool = multiprocessing.get_context("fork").Pool(
                 workers, _worker_init, (self.cfg.field_map, self.cfg.pii_scrub))
         try:
             with self._bar(desc="reading", unit=" records") as bar:
@@ -1109,7 +1123,12 @@ class Prep:
                 pool.terminate()
 
     def worker_count(self) -> int:
-        """Worker processes for this run: --workers, or by input size and CPU count."""
+        """Worker processes for this run: --workers, or by input size and CPU count; 0 where
+        processes cannot be forked (spawning would re-run the caller's main module)."""
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return 0
         if self.cfg.workers is not None:
             return self.cfg.workers if self.cfg.workers > 1 else 0
         size = sum(Path(name).stat().st_size for name in self.cfg.enriched)
@@ -1129,22 +1148,13 @@ class Prep:
                 yield item, _rejected(exc)
 
     def _prepare_in_pool(self, items: Iterator[Item], pool, workers: int):
-        """(item, prepared) in input order; a few chunks in flight, so memory stays flat."""
-        pending: deque = deque()
-
-        def finish():
-            chunk, result = pending.popleft()
-            prepared = iter(result.get())
+        """(item, prepared) in input order."""
+        tasks = ((chunk, [item.value for item in chunk if not item.reason])
+                 for chunk in _chunks(items, PREP_CHUNK))
+        for chunk, results in _ordered_map(pool, _prepare_chunk, tasks, 2 * workers):
+            prepared = iter(results)
             for item in chunk:
                 yield item, None if item.reason else next(prepared)
-
-        for chunk in _chunks(items, PREP_CHUNK):
-            values = [item.value for item in chunk if not item.reason]
-            pending.append((chunk, pool.apply_async(_prepare_chunk, (values,))))
-            if len(pending) > 2 * workers:
-                yield from finish()
-        while pending:
-            yield from finish()
 
     def _take(self, item: Item, prepared: Prepared | Rejected | None,
               seen_keys: dict[bytes, str], seen_ids: dict[str, str],
@@ -1291,6 +1301,7 @@ class Prep:
         eval_arrays = {g: np.array(js, dtype=np.int64) for g, js in eval_grams.items()}
         df: Counter = Counter()
         shared_by: dict[int, list[str]] = {}
+        # (worker processes measured slower here: pickling the records costs what they save)
         for i, kept in enumerate(self._bar(self.kept, desc="contamination", unit=" records")):
             shared = sorted(ngrams(fuzzy_text(kept.record), n_gram) & eval_grams.keys())
             df.update(shared)
@@ -1578,7 +1589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pii-scrub", dest="pii_scrub", action="store_false",
                    help="keep e-mail addresses, phone numbers and API keys as they are")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="processes for the per-record work (parse, clean, scrub, MinHash); "
+                   help="processes for the per-record work (validate, clean, scrub, MinHash); "
                         f"default: the CPU count (at most {MAX_AUTO_WORKERS}) for inputs over "
                         f"{PARALLEL_MIN_BYTES // 2**20} MB, else 0 (in this process); the "
                         "outputs are the same either way")
