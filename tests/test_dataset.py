@@ -99,6 +99,11 @@ def test_batch_encoding_matches_the_tokenizer_call(tok, formats):
         for record, p_ids, r_ids in zip(records, prompts, responses):
             assert p_ids == fmt.encode_prompt(tok, record["instruction"], record["context"])
             assert r_ids == tok(record["response"], add_special_tokens=False)["input_ids"]
+    truncating = copy.deepcopy(tok)          # a tokenizer.json may ship with truncation on
+    truncating.backend_tokenizer.enable_truncation(max_length=4)
+    prompts, responses = tokenize_batch(truncating, formats["instruction"], records)
+    assert responses == tokenize_batch(tok, formats["instruction"], records)[1]
+    assert max(map(len, prompts)) > 4
 
 
 def test_eos_survives_when_pad_equals_eos(tok, formats):
