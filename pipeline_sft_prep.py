@@ -405,9 +405,13 @@ def _read_csv(fh: IO[bytes], name: str, stats: Counter, delimiter: str) -> Itera
 # Records: shape detection, validation, cleaning, PII
 
 class RecordError(Exception):
-    def __init__(self, reason: str, detail: str):
+    """Why a record is rejected; ``cleaning`` and ``pii`` say what was cleaned before that."""
+
+    def __init__(self, reason: str, detail: str, cleaning: set[str] | None = None,
+                 pii: Counter | None = None):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
+        self.cleaning, self.pii = cleaning or set(), pii or Counter()
 
 
 def detect_shape(value: dict[str, Any], field_map: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -820,22 +824,20 @@ def clean_record(record: dict[str, Any], pii_scrub: bool) -> tuple[set[str], Cou
             record[key] = _scrub_value(record[key], found)
     for key in ("instruction", "response"):
         if not record[key]:
-            exc = RecordError(f"empty_{key}", f"the {key} is empty after cleaning")
-            exc.cleaning, exc.pii = changed, found
-            raise exc
+            raise RecordError(f"empty_{key}", f"the {key} is empty after cleaning", changed,
+                              found)
     return changed, found
 
 
 Rejected = tuple[str, str, set, Counter]          # (reason, detail, cleaning, pii)
 
 
-def _rejected(exc: "RecordError") -> Rejected:
-    return (exc.reason, exc.detail, getattr(exc, "cleaning", set()),
-            getattr(exc, "pii", Counter()))
+def _rejected(exc: RecordError) -> Rejected:
+    return exc.reason, exc.detail, exc.cleaning, exc.pii
 
 
 def prepare_record(value: dict[str, Any], field_map: dict[str, str], pii_scrub: bool,
-                   minhash: "MinHasher") -> Prepared:
+                   minhash: MinHasher) -> Prepared:
     """Validate, clean, scrub, key and MinHash one input object (raises RecordError)."""
     record, shape, raw_quality = to_record(value, field_map)
     changed, found = clean_record(record, pii_scrub)
