@@ -396,6 +396,30 @@ def test_best_match_prefers_the_highest_accepted_score():
     assert prep.best_match(sig, [], store, 0.5) is None
 
 
+def test_best_match_prefilter_changes_no_result():
+    rng = np.random.default_rng(0)
+    store = prep.SignatureStore()
+    base = rng.integers(0, 2**32, prep.NUM_PERM, dtype=np.uint32)
+    for _ in range(400):                    # agreement with base from 0 to 100%
+        row = base.copy()
+        changed = rng.random(prep.NUM_PERM) < rng.random()
+        row[changed] = rng.integers(0, 2**32, changed.sum(), dtype=np.uint32)
+        store.append(row)
+    full = (store[np.arange(400)] == base).mean(axis=1)
+    for threshold in (0.5, 0.75, 0.9):
+        for accept in (None, lambda k: k % 3 == 0):
+            ok = [k for k in range(400) if full[k] >= threshold and (accept is None or accept(k))]
+            want = max(ok, key=lambda k: (full[k], -k)) if ok else None
+            got = prep.best_match(base, list(range(400)), store, threshold, accept)
+            assert (got and got[0]) == want and (got is None or got[1] == full[want])
+    # the bound is tight: a row whose 12 disagreements all sit in the compared half still passes
+    tight = base.copy()
+    tight[:12] += 1
+    row = store.append(tight)
+    below = [k for k in range(400) if full[k] < 0.9]
+    assert prep.best_match(base, below + [row], store, 0.9) == (row, 116 / 128)
+
+
 def test_signature_store_grows_and_keeps_rows():
     store = prep.SignatureStore(num_perm=4)
     rows = [np.full(4, i, dtype=np.uint32) for i in range(2500)]     # past two doublings
