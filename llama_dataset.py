@@ -264,7 +264,7 @@ def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any
 
 def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     """Token ids of many texts; a fast tokenizer's Rust backend is called directly (the
-    transformers wrapper's per-text conversion costs 4x the encoding itself) unless the backend
+    transformers wrapper took 4x as long as the backend call on the same texts) unless the backend
     would pad or truncate (settings a tokenizer.json can carry and the wrapper switches off)."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is not None and backend.truncation is None and backend.padding is None:

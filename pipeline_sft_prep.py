@@ -714,7 +714,8 @@ class MinHashBands:
 
     The bands and rows are datasketch's ``MinHashLSH`` tuning for the threshold; the tables are
     plain dicts keyed by the band's bytes (a bucket holds a key, or a list once it has several),
-    because datasketch's storage layers cost about 35 us per insert or query and these about 3.
+    because datasketch's storage layers made the 200k-record read phase 51.9 s against 36.8 s
+    with these.
     A test checks the candidates against ``MinHashLSH``.
     """
 
