@@ -86,21 +86,23 @@ def run_size(n: int, tokenizer: str, data_dir: Path) -> dict:
     out = data_dir / f"bench-{n}-out"
     out.mkdir(exist_ok=True)
     phases = {}
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects:
-        run = prep.Prep(cfg, prep.RejectLog(rejects), tok, fmt, progress=False)
-        for name, step in (("read", run.read), ("tokenize", lambda: run.measure_lengths(512)),
-                           ("split", run.split), ("decontaminate", run.decontaminate)):
-            t = time.perf_counter()
-            step()
-            phases[name] = time.perf_counter() - t
-    t = time.perf_counter()
-    n_train = sum(s == "train" for s in run.splits)
-    values, how = prep.derive_training_config(n_train, [k.tokens for k in run.kept], preset, 512)
-    prep.write_jsonl(out / "sft_dataset.jsonl", run.records(golden=False))
-    prep.write_jsonl(out / "golden_set.jsonl", run.records(golden=True))
-    report = run.report(values, how, tokenizer, 512)
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    phases["write"] = time.perf_counter() - t
+    with prep.gc_paused():                 # as run_prep runs every phase
+        with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects:
+            run = prep.Prep(cfg, prep.RejectLog(rejects), tok, fmt, progress=False)
+            for name, step in (("read", run.read), ("tokenize", lambda: run.measure_lengths(512)),
+                               ("split", run.split), ("decontaminate", run.decontaminate)):
+                t = time.perf_counter()
+                step()
+                phases[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        n_train = sum(s == "train" for s in run.splits)
+        values, how = prep.derive_training_config(n_train, [k.tokens for k in run.kept], preset,
+                                                  512)
+        prep.write_jsonl(out / "sft_dataset.jsonl", run.records(golden=False))
+        prep.write_jsonl(out / "golden_set.jsonl", run.records(golden=True))
+        report = run.report(values, how, tokenizer, 512)
+        (out / "prep_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        phases["write"] = time.perf_counter() - t
     total = sum(phases.values())
     return {"records": n, "kept": len(run.kept), "rejected": report["counts"]["rejected"],
             "workers": run.worker_count(), "cpus": os.cpu_count(),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from types import SimpleNamespace
 
@@ -10,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_records, write_jsonl
-from llama_dataset import (IGNORE_INDEX, Encoded, PromptFormat, assemble_example, encode_batch,
-                           encode_example, encode_records, pack_collate, pad_collate,
-                           read_sft_jsonl, token_stats)
+from llama_dataset import (IGNORE_INDEX, Encoded, PromptFormat, assemble_example,
+                           count_tokens_batch, encode_batch, encode_example, encode_records,
+                           example_lengths, pack_collate, pad_collate, read_sft_jsonl,
+                           token_stats)
 from llama_io import DataError, UsageError
 
 PROPERTY = settings(max_examples=40, deadline=None,
@@ -99,11 +101,15 @@ def test_batch_encoding_matches_the_tokenizer_call(tok, formats):
         for record, p_ids, r_ids in zip(records, prompts, responses):
             assert p_ids == fmt.encode_prompt(tok, record["instruction"], record["context"])
             assert r_ids == tok(record["response"], add_special_tokens=False)["input_ids"]
+        assert count_tokens_batch(tok, fmt, records) == ([len(p) for p in prompts],
+                                                         [len(r) for r in responses])
     truncating = copy.deepcopy(tok)          # a tokenizer.json may ship with truncation on
     truncating.backend_tokenizer.enable_truncation(max_length=4)
     prompts, responses = tokenize_batch(truncating, formats["instruction"], records)
     assert responses == tokenize_batch(tok, formats["instruction"], records)[1]
     assert max(map(len, prompts)) > 4
+    assert count_tokens_batch(truncating, formats["instruction"], records)[0] == \
+        [len(p) for p in prompts]
 
 
 def test_eos_survives_when_pad_equals_eos(tok, formats):
@@ -176,6 +182,14 @@ def test_assemble_example_rules():
     assert cut.truncated and cut.input_ids == [1] * 4 + list(range(10)) and cut.num_supervised == 10
     assert assemble_example([1] * 10, list(range(20)), 9, 14, "truncate") is None  # 4 < 8 left
     assert assemble_example([1] * 4, list(range(20)), 9, 14, "drop") is None
+
+
+def test_example_lengths_agree_with_assemble_example():
+    for n_prompt, n_response, max_length, policy in itertools.product(
+            range(16), range(16), range(1, 24), ("drop", "truncate")):
+        enc = assemble_example([1] * n_prompt, [2] * n_response, 9, max_length, policy)
+        expected = None if enc is None else (len(enc), enc.num_supervised, enc.truncated)
+        assert example_lengths(n_prompt, n_response, max_length, policy) == expected
 
 
 def test_encode_records_counts_drops_and_token_stats(tok, formats):

@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from conftest import ROOT
@@ -336,6 +338,40 @@ def test_scrub_pii(text, expected, kinds):
     assert out == expected and dict(counts) == kinds
 
 
+# fragments that make PII patterns match, almost match, or meet at a text's edge
+_PII_PIECES = ["bob@corp.example", "@", ".org", "020 7946 0958", "555-0134", "(415) ", "+44 ",
+               "Bearer ", "abcdefghijklmnopqrstuv", "password=", "token: ", "hf_", "sk-", "x",
+               " ", "-", ".", "7", "\n", "é"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_PII_PIECES), max_size=8).map("".join), max_size=5))
+def test_may_hold_pii_is_false_only_when_scrubbing_changes_nothing(texts):
+    changed = any(prep.scrub_pii(t)[0] != t for t in texts)
+    assert prep.may_hold_pii(texts) or not changed
+
+
+def test_gc_paused_restores_the_collector_state():
+    import gc
+
+    assert gc.isenabled()
+    with prep.gc_paused():
+        assert not gc.isenabled()
+        with prep.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()                 # the inner pause does not end the outer one
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), prep.gc_paused():
+        raise RuntimeError("a failed phase")
+    assert gc.isenabled()
+
+
+def test_may_hold_pii_on_known_cases():
+    assert prep.may_hold_pii(["plain", "mail bob@corp.example"])
+    assert prep.may_hold_pii(["020 7946 0958"])               # a whole text is a number
+    assert not prep.may_hold_pii(["on 2021-03-05, v4.12.3", "order #48213", ""])
+
+
 def test_pii_is_scrubbed_everywhere_and_counted(tmp_path):
     lines = [{"id": "p", "instruction": "Route: write to bob@corp.example", "response": "billing",
               "context": "Call 020 7946 0958", "metadata_email": "x@y.org"}, GOOD_B]
@@ -628,6 +664,42 @@ def test_contamination_is_removed_from_train_and_reported(tmp_path, tok):
     assert sum(c["by_eval_split"].values()) == len(leaked)
     assert o["report"]["splits"]["train"] == 60 - len(eval_ids) - len(leaked) \
         - o["report"]["splits"]["val"]
+
+
+def _most_shared_reference(shared, postings, is_train, counted, min_count):
+    """The per-record loop that prep._most_shared_eval replaces."""
+    out = {}
+    for i in range(len(shared)):
+        if not is_train[i]:
+            continue
+        votes = Counter(j for g in shared[i] if counted[g] for j in postings[g])
+        if votes:
+            top = max(votes.values())
+            j = min(j for j, c in votes.items() if c == top)
+            if top >= min_count:
+                out[i] = (j, top)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_most_shared_eval_matches_a_per_record_loop(data):
+    n_records = data.draw(st.integers(1, 12))
+    n_grams = data.draw(st.integers(1, 10))
+    postings = [sorted(data.draw(st.sets(st.integers(0, n_records - 1), min_size=1)))
+                for _ in range(n_grams)]
+    shared = [sorted(data.draw(st.sets(st.integers(0, n_grams - 1)))) for _ in range(n_records)]
+    is_train = np.array(data.draw(st.lists(st.booleans(), min_size=n_records,
+                                           max_size=n_records)))
+    counted = np.array(data.draw(st.lists(st.booleans(), min_size=n_grams, max_size=n_grams)))
+    min_count = data.draw(st.integers(1, 3))
+    grams = prep.SharedGrams(np.array([len(s) for s in shared], dtype=np.int64),
+                             np.array([g for s in shared for g in s], dtype=np.int64))
+    max_pairs = data.draw(st.sampled_from([1, 3, 1 << 22]))   # blocks of records, or one
+    got = prep._most_shared_eval(grams, [np.array(p, dtype=np.int64) for p in postings],
+                                 is_train, counted, min_count, n_records, max_pairs)
+    assert got == _most_shared_reference(shared, postings, is_train, counted, min_count)
+    assert all(grams.of(i).tolist() == shared[i] for i in range(n_records))
 
 
 def test_length_policy_truncate_marks_and_keeps_golden_whole(tmp_path, tok):
