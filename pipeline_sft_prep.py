@@ -1244,12 +1244,15 @@ def _most_shared_eval(shared: SharedGrams, postings: list[np.ndarray], is_train:
     ``counted`` n-grams with it (the lowest index on a tie), where that is at least
     ``min_count``. The (record, eval record) pairs are counted in a few array operations per
     block of records rather than a loop per record; a block holds at most ``max_pairs`` pairs
-    (or one record), which bounds the memory."""
+    and shared ids (or one record), which bounds the memory."""
+    if not postings:
+        return {}
     lengths = np.array([len(p) for p in postings], dtype=np.int64)
     csr = np.concatenate([[0], np.cumsum(lengths)[:-1]]), np.concatenate(postings)
-    # pairs each record would expand to
+    # the pairs each record expands to, plus its ids
     size = np.concatenate([[0], np.cumsum(np.where(counted[shared.ids], lengths[shared.ids], 0))])
-    per_record = np.where(is_train, size[shared.offsets[1:]] - size[shared.offsets[:-1]], 0)
+    per_record = np.where(is_train, size[shared.offsets[1:]] - size[shared.offsets[:-1]], 0) \
+        + shared.counts
     out: dict[int, tuple[int, int]] = {}
     lo, total = 0, np.concatenate([[0], np.cumsum(per_record)])
     while lo < len(per_record):

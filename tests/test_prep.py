@@ -702,6 +702,12 @@ def test_most_shared_eval_matches_a_per_record_loop(data):
     assert all(grams.of(i).tolist() == shared[i] for i in range(n_records))
 
 
+def test_most_shared_eval_without_eval_ngrams():
+    nothing = prep.SharedGrams(np.zeros(3, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    assert prep._most_shared_eval(nothing, [], np.ones(3, dtype=bool), np.zeros(0, dtype=bool),
+                                  2, 3) == {}
+
+
 def test_length_policy_truncate_marks_and_keeps_golden_whole(tmp_path, tok):
     recs = base_records(30)
     long_answer = {"id": "long", "category": "lists", "instruction": "List 200 tokens.",
