@@ -255,22 +255,22 @@ def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
 def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
                    ) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt ids and response ids (no EOS) of many records, one batch call per side."""
-    if not records:
-        return [], []
-    prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
-    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens),
-            _encode_many(tokenizer, [r["response"] for r in records], False))
+    return _encode_sides(tokenizer, fmt, records, None)
 
 
 def count_tokens_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
                        ) -> tuple[list[int], list[int]]:
     """The lengths of ``tokenize_batch``'s prompt and response ids, without building the id
     lists where the Rust backend is called."""
+    return _encode_sides(tokenizer, fmt, records, len)
+
+
+def _encode_sides(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], take):
     if not records:
         return [], []
     prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
-    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens, len),
-            _encode_many(tokenizer, [r["response"] for r in records], False, len))
+    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens, take),
+            _encode_many(tokenizer, [r["response"] for r in records], False, take))
 
 
 def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool, take=None) -> list:

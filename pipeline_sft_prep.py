@@ -858,8 +858,7 @@ def best_match(signature: np.ndarray, candidates: list[int], store: SignatureSto
 
 def text_jaccard(a: str, b: str) -> float:
     """Exact Jaccard similarity of two texts' character shingles (after fuzzy normalization)."""
-    norm = lambda t: " ".join(_NON_WORD.sub(" ", t.casefold()).split())  # noqa: E731
-    sa, sb = shingles(norm(a)), shingles(norm(b))
+    sa, sb = shingles(normalize_fuzzy(a)), shingles(normalize_fuzzy(b))
     return len(sa & sb) / len(sa | sb)
 
 
