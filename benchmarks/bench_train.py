@@ -70,13 +70,14 @@ FRAMEWORKS = {
     "ours_bf16_lora": "ours with the LoRA weights themselves in bf16 (no fp32 casts)",
     "ours_torch_dropout": "ours with peft's own nn.Dropout on each LoRA input (torch bernoulli_ "
                           "masks) instead of llama_model's MaskDropout",
+    "ours_peft_lora": "ours with peft's own LoRA forward instead of llama_model's fused one",
 }
 DEFAULT_FRAMEWORKS = ("ours", "trl_default", "trl_packing", "trl_padding_free", "hf_maxlen")
 # name: (config overrides, how the LoRA weights compute: None | "autocast" | "bf16")
 OURS_VARIANTS = {"ours": ({}, None), "ours_padded": ({"packing": False}, None),
                  "ours_lora_dropout0": ({"lora_dropout": 0.0}, None),
                  "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16"),
-                 "ours_torch_dropout": ({}, None)}
+                 "ours_torch_dropout": ({}, None), "ours_peft_lora": ({}, None)}
 TRL_BEST_CANDIDATES = ("trl_default", "trl_packing", "trl_padding_free")
 TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
@@ -409,6 +410,11 @@ def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dic
             if isinstance(dropouts, torch.nn.ModuleDict):
                 for name, dropout in dropouts.items():
                     dropouts[name] = torch.nn.Dropout(getattr(dropout, "p", 0.0))
+    if spec["framework"] == "ours_peft_lora":
+        from peft.tuners.lora import Linear as LoraLinear
+        for module in trainer.model.modules():
+            if isinstance(module, LoraLinear):
+                module.__class__ = LoraLinear
 
     def autocast_forward(batch, num_items):
         with torch.autocast("cpu", dtype=torch.bfloat16):

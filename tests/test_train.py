@@ -326,6 +326,112 @@ def test_lora_dropout_is_swapped_and_is_inverted_dropout(tiny_model_dir):
     assert drop.eval()(x) is x
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_lora_function_gradients_are_exact(with_bias, with_mask):
+    """llama_model's fused LoRA linear: forward is x W^T + b + s((m*x)(d A)^T)B^T, and torch's
+    finite-difference check accepts its backward for the input and both adapter matrices."""
+    import torch
+
+    from llama_model import lora_linear_function
+
+    fn = lora_linear_function()
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+               for shape in ((7, 5), (3, 5), (4, 3)))
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    bias = torch.randn(4, dtype=torch.float64, generator=gen) if with_bias else None
+    mask = (torch.rand(7, 5, generator=gen) > 0.3).double() if with_mask else None
+    drop_scale, scale = (1.25, 2.0) if with_mask else (1.0, 2.0)
+    out = fn.apply(x, weight, bias, a, b, mask, drop_scale, scale)
+    dropped = x if mask is None else x * mask
+    expected = x @ weight.T + scale * (dropped @ (drop_scale * a).T) @ b.T
+    assert torch.allclose(out, expected + (0 if bias is None else bias), atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: fn.apply(x, weight, bias, a, b, mask, drop_scale, scale), (x, a, b))
+
+
+def _lora_grads(model, batch, seed):
+    import torch
+
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return float(loss.detach()), {k: p.grad.float().clone() for k, p in model.named_parameters()
+                         if p.requires_grad}
+
+
+def _set_lora_forward(model, fused: bool) -> None:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from llama_model import fused_lora_class
+
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.__class__ = fused_lora_class() if fused else LoraLinear
+
+
+def test_fused_lora_forward_matches_peft(tiny_model_dir):
+    """attach_lora gives every LoRA linear the fused forward. In fp32 it reproduces peft's own
+    forward, dropout masks included (same seed, same loss and gradients); in bf16 its error
+    against the fp32 result is of the size of peft's own bf16 error. Disabled adapters, merged
+    weights and autocast go through peft's forward."""
+    import torch
+
+    from llama_config import LoraSettings
+    from llama_model import attach_lora, fused_lora_class, load_base_model
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ids = torch.randint(0, 500, (2, 160), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(str(tiny_model_dir), dtype=dtype),
+                            LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.1,
+                                         lora_target_modules=targets),
+                            quantized=False, gradient_checkpointing=False)
+        if dtype == "float32":
+            assert sum(type(m) is fused_lora_class() for m in model.modules()) == 14
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            gen = torch.Generator().manual_seed(2)
+            state.update({k: torch.randn(v.shape, generator=gen) * 0.05
+                          for k, v in state.items() if "lora_B" in k})
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        model.train()
+        for fused in (True, False):
+            _set_lora_forward(model, fused)
+            results[dtype, fused] = _lora_grads(model, batch, seed=5)
+        if dtype == "float32":
+            _set_lora_forward(model, True)
+            layer = next(m for m in model.modules() if type(m) is fused_lora_class())
+            x = torch.randn(3, layer.in_features)
+            assert layer._fusable_adapter(x, (), {}) == "default"
+            assert layer._fusable_adapter(x.bfloat16(), (), {}) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert layer._fusable_adapter(x, (), {}) is None
+            model.eval()
+            with torch.no_grad():
+                fused_eval = model(**batch).logits
+                with model.disable_adapter():
+                    assert layer._fusable_adapter(x, (), {}) is None
+                    base = model(**batch).logits
+                assert not torch.allclose(fused_eval, base, atol=1e-3)     # the adapter is live
+                model.merge_adapter()
+                assert layer._fusable_adapter(x, (), {}) is None
+                assert torch.allclose(model(**batch).logits, fused_eval, atol=1e-4)
+
+    def rel(grads, ref):
+        return max(float((grads[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+    (loss_f, grads_f), (loss_p, grads_p) = results["float32", True], results["float32", False]
+    assert loss_f == pytest.approx(loss_p, rel=1e-6) and rel(grads_f, grads_p) < 1e-5
+    fused_err = rel(results["bfloat16", True][1], grads_p)
+    peft_err = rel(results["bfloat16", False][1], grads_p)
+    assert fused_err < 2 * peft_err + 0.01, (fused_err, peft_err)
+
+
 def test_packed_attention_matches_the_masked_sdpa_path(tiny_model_dir):
     """Per-example attention on a packed row (llama_model.packed_attention, given the collate's
     cu_seq_lens) gives the loss and gradients of transformers' SDPA with the block-diagonal mask,
