@@ -349,7 +349,7 @@ def mask_dropout_class():
         round(p * 65536), so the dropout probability is p to within 1/65536 and kept values are
         scaled by 1 / (1 - that probability). Tensors on other devices, and small ones (where a
         generator's set-up costs more than torch's mask: a 3M-parameter model trained 15% slower),
-        draw torch's ``bernoulli_`` mask instead.
+        use torch's dropout (``keep_mask``: torch's ``bernoulli_``).
         """
 
         MIN_NUMEL = 65536
@@ -363,6 +363,8 @@ def mask_dropout_class():
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
+            if x.device.type != "cpu" or x.numel() < self.MIN_NUMEL:
+                return torch.nn.functional.dropout(x, self.p, training=True)
             keep, scale = self.keep_mask(x)
             return x * keep * scale
 
@@ -465,10 +467,11 @@ def fused_lora_class():
     """peft's LoRA ``Linear`` with a fused forward for the plain case (built on first use).
 
     The plain case: one active vanilla adapter (no DoRA or other variant, no LoRA bias), not
-    merged or disabled, a frozen ``nn.Linear`` base in the input's dtype, no autocast and no
-    DeepSpeed ZeRO-3 partitions (whose gathering hooks run on the submodules' own forwards).
-    Anything else goes through peft's forward unchanged. The dropout masks are drawn exactly as
-    the adapter's dropout module draws them, so a seeded run draws the same masks either way.
+    merged or disabled, a frozen ``nn.Linear`` base in the input's dtype, an input of at least
+    ``MIN_NUMEL`` elements, no autocast and no DeepSpeed ZeRO-3 partitions (whose gathering hooks
+    run on the submodules' own forwards). Anything else goes through peft's forward unchanged.
+    On CPU the dropout masks are drawn exactly as the adapter's ``MaskDropout`` draws them, so a
+    seeded run draws the same masks either way.
     """
     import torch
     from peft.tuners.lora import Linear as LoraLinear
@@ -477,6 +480,8 @@ def fused_lora_class():
     mask_dropout = mask_dropout_class()
 
     class FusedLoraLinear(LoraLinear):
+        MIN_NUMEL = 65536   # smaller inputs: the Python autograd function costs more than it saves
+
         def forward(self, x, *args, **kwargs):
             adapter = self._fusable_adapter(x, args, kwargs)
             if adapter is None:
@@ -490,7 +495,7 @@ def fused_lora_class():
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def _fusable_adapter(self, x, args, kwargs):
-            if args or kwargs or self.disable_adapters or self.merged:
+            if args or kwargs or self.disable_adapters or self.merged or x.numel() < self.MIN_NUMEL:
                 return None
             adapters = self.active_adapters
             if len(adapters) != 1:

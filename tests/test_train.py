@@ -375,15 +375,16 @@ def _set_lora_forward(model, fused: bool) -> None:
 def test_fused_lora_forward_matches_peft(tiny_model_dir):
     """attach_lora gives every LoRA linear the fused forward. In fp32 it reproduces peft's own
     forward, dropout masks included (same seed, same loss and gradients); in bf16 its error
-    against the fp32 result is of the size of peft's own bf16 error. Disabled adapters, merged
-    weights and autocast go through peft's forward."""
+    against the fp32 result is of the size of peft's own bf16 error. Small inputs, disabled
+    adapters, merged weights and autocast go through peft's forward."""
     import torch
 
     from llama_config import LoraSettings
     from llama_model import attach_lora, fused_lora_class, load_base_model
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    ids = torch.randint(0, 500, (2, 160), generator=torch.Generator().manual_seed(1))
+    # 1024 tokens: every LoRA input (width 64 or 128) reaches the fused path's MIN_NUMEL
+    ids = torch.randint(0, 500, (2, 512), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -406,8 +407,9 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir):
         if dtype == "float32":
             _set_lora_forward(model, True)
             layer = next(m for m in model.modules() if type(m) is fused_lora_class())
-            x = torch.randn(3, layer.in_features)
+            x = torch.randn(layer.MIN_NUMEL // layer.in_features, layer.in_features)
             assert layer._fusable_adapter(x, (), {}) == "default"
+            assert layer._fusable_adapter(x[:-1], (), {}) is None               # too small
             assert layer._fusable_adapter(x.bfloat16(), (), {}) is None
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert layer._fusable_adapter(x, (), {}) is None
