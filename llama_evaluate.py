@@ -95,8 +95,8 @@ METRICS = {
   "mean_generated_tokens",
   "exact_match_any" (only with num_return_sequences > 1: any of the k matched)
 }
-SPEED = {"generated_tokens", "seconds", "tokens_per_second", "batches",
-         "batch_latency_s_mean", "batch_latency_s_max", "seconds_per_example"}
+SPEED = {"generated_tokens", "seconds", "tokens_per_second", "batch_size",
+         "prefill_calls" (batched forward passes over new prompts), "seconds_per_example"}
 SAMPLE = {"loss" (null when over --max-length), "response_tokens",
           "generations": [{"text", "generated_tokens", "stopped",
                            "scores": {"exact_match", "exact_match_strict", "token_f1", "rouge_l",
@@ -113,7 +113,7 @@ class GenerationSettings:
     temperature: float = 0.0         # 0 = greedy
     top_p: float = 1.0               # nucleus sampling mass (sampling only)
     num_return_sequences: int = 1    # answers per prompt (sampling only when > 1)
-    batch_size: int = 8              # prompts per generate() / loss forward pass
+    batch_size: int = 8              # most prompts decoding at once / per loss forward pass
     seed: int = 42                   # torch seed set before each model's pass
 
     def problems(self) -> list[str]:
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=defaults.num_return_sequences,
                         help="answers per prompt (needs --temperature > 0 when > 1)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="prompts per generation batch and loss forward pass")
+                        help="most prompts decoding at once (greedy decoding refills finished "
+                             "rows from the waiting prompts) and per loss forward pass")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="torch seed set before each model's generation pass")
     return parser
@@ -258,12 +259,6 @@ def adapter_source(path: str | os.PathLike, base_model: str | None = None) -> It
 # ---------------------------------------------------------------------------------------------
 # Running a model over the records
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (less padding, early OOM)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def teacher_forced_losses(model, tokenizer, fmt, records: Sequence[dict], max_length: int,
                           batch_size: int, desc: str = "loss") -> list[tuple[float, int] | None]:
     """Per record (sum of NLL over the reference tokens, token count); None when it does not fit.
@@ -276,13 +271,14 @@ def teacher_forced_losses(model, tokenizer, fmt, records: Sequence[dict], max_le
     from tqdm.auto import tqdm
 
     from llama_dataset import IGNORE_INDEX, encode_example, pad_collate
+    from llama_model import length_batches
 
     encoded = [encode_example(tokenizer, fmt, r, max_length) for r in records]
     valid = [i for i, e in enumerate(encoded) if e is not None and e.num_supervised]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     results: list[tuple[float, int] | None] = [None] * len(records)
-    for batch in tqdm(_length_batches([len(encoded[i]) for i in valid], batch_size), desc=desc,
+    for batch in tqdm(length_batches([len(encoded[i]) for i in valid], batch_size), desc=desc,
                       unit="batch", leave=False):
         rows = [valid[j] for j in batch]
         tensors = pad_collate([encoded[i] for i in rows], pad)
@@ -303,26 +299,21 @@ def generate_all(model, tokenizer, prompts: Sequence[Sequence[int]], gen: Genera
     """Generations per prompt (``num_return_sequences`` each) and the speed figures."""
     from tqdm.auto import tqdm
 
-    from llama_model import generate_batch
+    from llama_model import generate_many
 
     k = gen.num_return_sequences
-    outputs: list[list[Any]] = [[] for _ in prompts]
-    latencies = []
-    for batch in tqdm(_length_batches([len(p) for p in prompts], gen.batch_size), desc=desc,
-                      unit="batch", leave=False):
-        start = time.perf_counter()
-        results = generate_batch(model, tokenizer, [prompts[i] for i in batch],
-                                 max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                                 top_p=gen.top_p, num_return_sequences=k)
-        latencies.append(time.perf_counter() - start)
-        for j, index in enumerate(batch):
-            outputs[index] = results[j * k:(j + 1) * k]
-    tokens = sum(len(g.token_ids) for out in outputs for g in out)
-    seconds = sum(latencies)
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+        results, prefills = generate_many(
+            model, tokenizer, prompts, batch_size=gen.batch_size,
+            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            num_return_sequences=k, on_done=bar.update)
+    seconds = time.perf_counter() - start
+    outputs = [results[i * k:(i + 1) * k] for i in range(len(prompts))]
+    tokens = sum(len(g.token_ids) for g in results)
     speed = {"generated_tokens": tokens, "seconds": seconds,
              "tokens_per_second": tokens / seconds if seconds else None,
-             "batches": len(latencies), "batch_latency_s_mean": mean(latencies),
-             "batch_latency_s_max": max(latencies, default=None),
+             "batch_size": gen.batch_size, "prefill_calls": prefills,
              "seconds_per_example": seconds / len(prompts) if prompts else None}
     return outputs, speed
 

@@ -13,9 +13,11 @@ hash list, then renamed into place, so a killed conversion leaves nothing a late
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llama_config import EMBEDDED_MODEL_ID
 from llama_io import DataError, UsageError, sha256_file
@@ -305,6 +307,7 @@ def attach_lora(model, lora, *, quantized: bool, gradient_checkpointing: bool):
     model = get_peft_model(model, config)
     swap_lora_dropout(model)
     fuse_lora_linears(model)
+    group_lora_siblings(model)
     fast_rms_norms(model)
     return model
 
@@ -415,49 +418,64 @@ def lora_linear_function():
     import torch
 
     class LoraLinearFunction(torch.autograd.Function):
-        """``y = x W^T + bias + scale * ((keep * x) A^T) B^T * drop_scale`` with W frozen.
+        """Frozen linears with LoRA adapters that read the same input, outputs side by side:
+        ``y_i = x W_i^T + bias_i + scale_i * ((keep_i * x) (drop_scale_i A_i)^T) B_i^T``.
 
-        One forward and one backward for the frozen linear and its adapter: the adapter computes
-        in the input's dtype (bf16 on a bf16 base, as under autocast), the dropout and LoRA scales
-        are folded into the small A and B matrices, and the adapter's output is accumulated into
-        the base output by one ``addmm_``. peft's path instead casts each input to the fp32
-        adapter dtype, multiplies by the mask, by the dropout scale and by the LoRA scale in
-        separate passes over the activations, and casts the sum back: profiled on CPU, those
-        element-wise passes cost more than the adapter's matmuls. Gradients for A and B are
-        returned in their own (fp32) dtype.
+        ``weight`` holds the W_i as consecutive rows (one linear, or e.g. q/k/v projections
+        stored as one matrix), so the frozen part is one matmul forward and one backward. The
+        adapters compute in the input's dtype (bf16 on a bf16 base, as under autocast), the
+        dropout and LoRA scales are folded into the small A and B matrices, and each adapter's
+        output is accumulated into its columns by one ``addmm_``. peft's path instead casts each
+        input to the fp32 adapter dtype, multiplies by the mask, by the dropout scale and by the
+        LoRA scale in separate passes over the activations, and casts the sum back: profiled on
+        CPU, those element-wise passes cost more than the adapter's matmuls. Gradients for A and
+        B are returned in their own (fp32) dtype.
+
+        Arguments after ``bias``: ``scales``, one (drop_scale, scale) pair per linear, then
+        A_1..A_n, B_1..B_n and keep_1..keep_n (a 0/1 mask in x's dtype, or None).
         """
 
         @staticmethod
-        def forward(ctx, x, weight, bias, lora_a, lora_b, keep, drop_scale, scale):
-            a = (lora_a * drop_scale).to(x.dtype)
-            b = (lora_b * scale).to(x.dtype)
-            dropped = x if keep is None else x * keep
-            hidden = dropped @ a.t()
+        def forward(ctx, x, weight, bias, scales, *adapters):
+            n = len(scales)
             out = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-            out.addmm_(hidden, b.t())
-            ctx.save_for_backward(dropped, hidden, keep, weight, a, b)
-            ctx.scales = (drop_scale, scale)
-            ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+            saved, column = [], 0
+            for (drop_scale, scale), lora_a, lora_b, keep in zip(
+                    scales, adapters[:n], adapters[n:2 * n], adapters[2 * n:]):
+                a = (lora_a * drop_scale).to(x.dtype)
+                b = (lora_b * scale).to(x.dtype)
+                dropped = x if keep is None else x * keep
+                hidden = dropped @ a.t()
+                out[:, column:column + b.shape[0]].addmm_(hidden, b.t())
+                column += b.shape[0]
+                saved += [dropped, hidden, keep, a, b]
+            ctx.save_for_backward(weight, *saved)
+            ctx.scales = scales
+            ctx.dtypes = [t.dtype for t in adapters[:2 * n]]
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
-            dropped, hidden, keep, weight, a, b = ctx.saved_tensors
-            drop_scale, scale = ctx.scales
-            grad_hidden = grad_out @ b
-            grad_x = grad_a = grad_b = None
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out @ weight
-                if keep is None:
-                    grad_x.addmm_(grad_hidden, a)
-                else:
-                    grad_x.addcmul_(grad_hidden @ a, keep)
-            if ctx.needs_input_grad[3]:
-                grad_a = (grad_hidden.t() @ dropped).to(ctx.dtypes[0]).mul_(drop_scale)
-            if ctx.needs_input_grad[4]:
+            weight, *saved = ctx.saved_tensors
+            n = len(ctx.scales)
+            grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+            grads_a, grads_b, column = [], [], 0
+            for i, (drop_scale, scale) in enumerate(ctx.scales):
+                dropped, hidden, keep, a, b = saved[5 * i:5 * i + 5]
+                grad = grad_out[:, column:column + b.shape[0]]
+                column += b.shape[0]
+                grad_hidden = grad @ b
+                if grad_x is not None:
+                    if keep is None:
+                        grad_x.addmm_(grad_hidden, a)
+                    else:
+                        grad_x.addcmul_(grad_hidden @ a, keep)
+                grads_a.append((grad_hidden.t() @ dropped).to(ctx.dtypes[i]).mul_(drop_scale)
+                               if ctx.needs_input_grad[4 + i] else None)
                 # (h^T g)^T: 20-30% faster on CPU than g^T h for these shapes
-                grad_b = (hidden.t() @ grad_out).to(ctx.dtypes[1]).mul_(scale).t().contiguous()
-            return grad_x, None, None, grad_a, grad_b, None, None, None
+                grads_b.append((hidden.t() @ grad).to(ctx.dtypes[n + i]).mul_(scale).t()
+                               .contiguous() if ctx.needs_input_grad[4 + n + i] else None)
+            return grad_x, None, None, None, *grads_a, *grads_b, *[None] * n
 
     return LoraLinearFunction
 
@@ -471,7 +489,8 @@ def fused_lora_class():
     ``MIN_NUMEL`` elements, no autocast and no DeepSpeed ZeRO-3 partitions (whose gathering hooks
     run on the submodules' own forwards). Anything else goes through peft's forward unchanged.
     On CPU the dropout masks are drawn exactly as the adapter's ``MaskDropout`` draws them, so a
-    seeded run draws the same masks either way.
+    seeded run draws the same masks either way. Layers joined by :func:`group_lora_siblings`
+    compute together when the first of them is called (see ``LoraSiblings``).
     """
     import torch
     from peft.tuners.lora import Linear as LoraLinear
@@ -483,15 +502,24 @@ def fused_lora_class():
         MIN_NUMEL = 65536   # smaller inputs: the Python autograd function costs more than it saves
 
         def forward(self, x, *args, **kwargs):
+            siblings = self.__dict__.get("lora_siblings")
+            if siblings is not None and not args and not kwargs:
+                out = siblings.take(self, x)
+                if out is not None:
+                    return out
             adapter = self._fusable_adapter(x, args, kwargs)
             if adapter is None:
                 return super().forward(x, *args, **kwargs)
+            if siblings is not None and siblings.modules[0] is self:
+                out = siblings.forward(x, adapter)
+                if out is not None:
+                    return out
             base = self.base_layer
             flat = x.reshape(-1, x.shape[-1])
             keep, drop_scale = self._keep_mask(self.lora_dropout[adapter], flat)
-            out = function.apply(flat, base.weight, base.bias, self.lora_A[adapter].weight,
-                                 self.lora_B[adapter].weight, keep, drop_scale,
-                                 self.scaling[adapter])
+            out = function.apply(flat, base.weight, base.bias,
+                                 ((drop_scale, self.scaling[adapter]),),
+                                 self.lora_A[adapter].weight, self.lora_B[adapter].weight, keep)
             return out.view(*x.shape[:-1], out.shape[-1])
 
         def _fusable_adapter(self, x, args, kwargs):
@@ -521,6 +549,107 @@ def fused_lora_class():
             return torch.empty_like(x).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
 
     return FusedLoraLinear
+
+
+# Fused LoRA linears of one module that read the same input, in the order the module calls them
+LORA_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_lora_siblings(model) -> int:
+    """Store the frozen weights of fused LoRA linears that read the same input (LORA_SIBLINGS:
+    LlamaAttention's q/k/v, LlamaMLP's gate/up) as consecutive rows of one matrix, and join them
+    in a ``LoraSiblings``; returns how many groups were made.
+
+    Each base weight becomes a view of that matrix, so memory does not grow. Only bias-free
+    ``nn.Linear`` bases of one dtype and device that are not partitioned or on the meta device
+    are grouped.
+    """
+    import torch
+
+    fused = fused_lora_class()
+    groups = 0
+    for module in model.modules():
+        for names in LORA_SIBLINGS:
+            layers = [getattr(module, name, None) for name in names]
+            if not all(type(layer) is fused for layer in layers):
+                continue
+            weights = [layer.base_layer.weight for layer in layers]
+            first = weights[0]
+            if any(w.requires_grad or w.device != first.device or w.dtype != first.dtype
+                   or w.device.type == "meta" or hasattr(w, "ds_id") or w.shape[1] != first.shape[1]
+                   or layer.base_layer.bias is not None for w, layer in zip(weights, layers)):
+                continue
+            matrix = torch.cat([w.detach() for w in weights])
+            row = 0
+            for layer, w in zip(layers, weights):
+                layer.base_layer.weight = torch.nn.Parameter(matrix[row:row + w.shape[0]],
+                                                             requires_grad=False)
+                row += w.shape[0]
+            siblings = LoraSiblings(layers, matrix)
+            for layer in layers:
+                layer.lora_siblings = siblings
+            groups += 1
+    return groups
+
+
+class LoraSiblings:
+    """Fused LoRA linears that read the same input and whose frozen weights are consecutive rows
+    of ``weight`` (see group_lora_siblings).
+
+    When the first is called, all of them are computed by one ``lora_linear_function`` call (one
+    matmul with the stacked weight forward and one backward, instead of one per linear), its
+    dropout masks drawn in the order the separate calls would draw them. The others' outputs wait
+    here until they are called with the same input tensor. If any of them could not take the
+    fused path on its own, or the weights are no longer views of ``weight`` (moved to another
+    device, sharded), each computes separately.
+    """
+
+    def __init__(self, modules, weight):
+        self.modules = list(modules)
+        self.weight = weight
+        self.pending: tuple[Any, dict] | None = None
+
+    def forward(self, x, adapter: str):
+        """The first module's output for ``x``, the others' kept for ``take``; None when they
+        must compute separately."""
+        if not self._intact(x) or any(m._fusable_adapter(x, (), {}) != adapter
+                                      for m in self.modules[1:]):
+            return None
+        flat = x.reshape(-1, x.shape[-1])
+        scales, keeps = [], []
+        for m in self.modules:
+            keep, drop_scale = m._keep_mask(m.lora_dropout[adapter], flat)
+            scales.append((drop_scale, m.scaling[adapter]))
+            keeps.append(keep)
+        out = lora_linear_function().apply(
+            flat, self.weight, None, tuple(scales),
+            *(m.lora_A[adapter].weight for m in self.modules),
+            *(m.lora_B[adapter].weight for m in self.modules), *keeps)
+        pieces = out.view(*x.shape[:-1], out.shape[-1]).split(
+            [m.base_layer.weight.shape[0] for m in self.modules], dim=-1)
+        self.pending = (x, dict(zip(self.modules[1:], pieces[1:])))
+        return pieces[0]
+
+    def take(self, module, x):
+        """The output computed for ``module`` with the first one's call on this same ``x``."""
+        if self.pending is None or self.pending[0] is not x:
+            return None
+        out = self.pending[1].pop(module, None)
+        if not self.pending[1]:
+            self.pending = None
+        return out
+
+    def _intact(self, x) -> bool:
+        weight = self.weight
+        if weight.device != x.device or weight.dtype != x.dtype:
+            return False
+        step, offset = weight.stride(0) * weight.element_size(), 0
+        for m in self.modules:
+            w = m.base_layer.weight
+            if w.data_ptr() != weight.data_ptr() + offset * step or w.stride() != weight.stride():
+                return False
+            offset += w.shape[0]
+        return True
 
 
 def fast_rms_norms(model) -> int:
@@ -691,91 +820,321 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
                    streamer=None) -> list[Generation]:
     """Generate for token-id prompts in one left-padded batch (KV cache, greedy by default).
 
-    Greedy decoding runs ``greedy_shrinking`` (rows leave the batch at EOS) when the model's
+    Greedy decoding runs ``greedy_continuous`` (rows leave the batch at EOS) when the model's
     generation config asks for no extra logits processing; sampling, several return sequences,
     a streamer or such a config go through ``model.generate``.
     """
     import torch
 
-    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    if _plain_greedy(model, temperature, num_return_sequences, streamer):
+        rows = greedy_continuous(model, prompts, max_new_tokens=max_new_tokens,
+                                 eos_id=tokenizer.eos_token_id, pad_id=pad,
+                                 batch_size=len(prompts))
+        return [_generation(tokenizer, row) for row in rows]
+    ids, mask = _left_padded(prompts, pad, next(model.parameters()).device)
+    sample = temperature > 0
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
+              "eos_token_id": tokenizer.eos_token_id,
+              "num_return_sequences": num_return_sequences, "use_cache": True,
+              "streamer": streamer}
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    return [_generation(tokenizer, row) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def generate_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, batch_size: int,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  num_return_sequences: int = 1,
+                  on_done: Callable[[int], None] | None = None) -> tuple[list[Generation], int]:
+    """Generations for any number of prompts, in their order, at most ``batch_size`` at a time,
+    and the number of batched prefill calls it took.
+
+    Greedy decoding (see ``generate_batch``) is continuous: a finished row's place goes to the
+    next waiting prompt. Otherwise prompts of similar length go through ``generate_batch`` in
+    batches. ``on_done(n)`` is called as n more prompts finish (a progress bar's ``update``).
+    """
+    k = num_return_sequences
+    if _plain_greedy(model, temperature, k, None):
+        rows, prefills = greedy_continuous(
+            model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+            pad_id=_pad_id(tokenizer), batch_size=batch_size, on_done=on_done,
+            count_prefills=True)
+        return [_generation(tokenizer, row) for row in rows], prefills
+    results: list[Generation] = [None] * (len(prompts) * k)  # type: ignore[list-item]
+    batches = length_batches([len(p) for p in prompts], batch_size)
+    for batch in batches:
+        out = generate_batch(model, tokenizer, [prompts[i] for i in batch],
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             num_return_sequences=k)
+        for j, index in enumerate(batch):
+            results[index * k:(index + 1) * k] = out[j * k:(j + 1) * k]
+        if on_done is not None:
+            on_done(len(batch))
+    return results, len(batches)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (less padding, early OOM)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _plain_greedy(model, temperature: float, num_return_sequences: int, streamer) -> bool:
+    """Whether ``greedy_continuous`` gives what ``model.generate`` would."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = getattr(model, "generation_config", None)
+    plain = config is None or set(config.to_diff_dict()) <= _GREEDY_SAFE_KEYS
+    layers = DynamicCache(config=model.config).layers    # sliding-window layers cannot be merged
+    return (temperature <= 0 and num_return_sequences == 1 and streamer is None and plain
+            and all(type(layer) is DynamicLayer for layer in layers))
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int, device):
+    """(ids, attention mask) of the prompts right-aligned in one batch."""
+    import torch
+
     width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(list(p))
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[row, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    sample = temperature > 0
-    config = getattr(model, "generation_config", None)
-    plain = config is None or set(config.to_diff_dict()) <= _GREEDY_SAFE_KEYS
-    if not sample and num_return_sequences == 1 and streamer is None and plain:
-        rows = greedy_shrinking(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
-    else:
-        kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
-                  "eos_token_id": tokenizer.eos_token_id,
-                  "num_return_sequences": num_return_sequences, "use_cache": True,
-                  "streamer": streamer}
-        if sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        rows = out[:, width:].tolist()
-    results = []
-    for row in rows:
-        tokens = []
-        for t in row:
-            if t == tokenizer.eos_token_id:
-                break
-            tokens.append(t)
-        stopped = len(tokens) < len(row) and row[len(tokens)] == tokenizer.eos_token_id
-        results.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                  tokens, stopped))
-    return results
+    return ids.to(device), mask.to(device)
 
 
-def greedy_shrinking(model, ids, mask, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch in which a row leaves the batch (and the KV cache)
-    as soon as it emits ``eos_id``: later steps only compute the rows still generating.
+def _generation(tokenizer, row: Sequence[int]) -> Generation:
+    """A Generation from generated ids: cut at the first EOS, decoded without special tokens."""
+    eos = tokenizer.eos_token_id
+    tokens = list(itertools.takewhile(lambda t: t != eos, row))
+    stopped = len(tokens) < len(row)
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, stopped)
 
-    ``model.generate`` keeps finished rows to the end, so on CPU a batch whose answers differ in
-    length spends most of its decode steps on padding. Token ids per row, EOS included when it
-    was emitted; the same ids as ``model.generate(do_sample=False)`` (a test checks).
+
+# Prefill calls take at most this many (padded) tokens: larger activations are slower per token
+# on CPU (at 7,872 tokens a call the embedded model prefilled 445 tokens/s, at 1,968 683).
+PREFILL_TOKENS = 2048
+
+
+def greedy_continuous(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
+                      pad_id: int, batch_size: int, on_done: Callable[[int], None] | None = None,
+                      count_prefills: bool = False):
+    """Greedy decoding of many prompts with a KV cache, at most ``batch_size`` rows at a time.
+
+    A row leaves the batch (and the cache) as soon as it emits ``eos_id`` or reaches
+    ``max_new_tokens``, so later steps compute only the rows still answering; waiting prompts
+    (longest first) are prefilled in calls of at most ``PREFILL_TOKENS`` and join the running
+    batch once a quarter of its places are free. Rows are left-padded to the cache's common length
+    and position ids follow each row's own tokens, so every row gets the ids
+    ``model.generate(do_sample=False)`` gives it alone, up to floating-point rounding (tests
+    check it). Returns token ids per prompt, EOS included when it was emitted (and the number of
+    prefill calls with ``count_prefills``).
+
+    ``model.generate`` keeps finished rows to the end of a batch, and a fixed batch waits for its
+    longest answer: on CPU most of those steps compute padding.
     """
     import torch
-    from transformers import DynamicCache
 
-    n = ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    positions = mask.long().cumsum(-1) - 1
-    positions.masked_fill_(mask == 0, 1)                # as generate() fills padding positions
-    last = positions[:, -1]
-    active = torch.arange(n, device=ids.device)
-    out: list[list[int]] = [[] for _ in range(n)]
+    waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)))
+    refill_at = max(1, batch_size // 4)
+    out: list[list[int]] = [[] for _ in prompts]
+    batch: _DecodeBatch | None = None
+    prefills = 0
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        for step in range(max_new_tokens):
-            token = logits[:, -1].argmax(-1)
-            for row, t in zip(active.tolist(), token.tolist()):
+        while waiting or batch is not None:
+            free = batch_size - (len(batch.rows) if batch else 0)
+            if waiting and free >= min(refill_at, len(waiting)):
+                group = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                for chunk in _prefill_chunks([len(prompts[i]) for i in group]):
+                    rows = [group[j] for j in chunk]
+                    joined = _DecodeBatch.prefill(model, rows, [prompts[i] for i in rows], pad_id)
+                    batch = joined if batch is None else batch.merge(joined)
+                    prefills += 1
+            token = batch.logits.argmax(-1)
+            going = []
+            for slot, (row, t) in enumerate(zip(batch.rows, token.tolist())):
                 out[row].append(t)
-            if step == max_new_tokens - 1:
-                break
-            going = token != eos_id
-            if not bool(going.all()):
-                keep = going.nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                active, token, mask, last = active[keep], token[keep], mask[keep], last[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            last = last + 1
-            logits = model(input_ids=token[:, None], attention_mask=mask,
-                           position_ids=last[:, None], past_key_values=cache,
-                           use_cache=True).logits
-    return out
+                if t != eos_id and len(out[row]) < max_new_tokens:
+                    going.append(slot)
+            if len(going) < len(batch.rows):
+                if on_done is not None:
+                    on_done(len(batch.rows) - len(going))
+                if not going:
+                    batch = None
+                    continue
+                token = token[batch.select(going)]
+            batch.step(model, token)
+    return (out, prefills) if count_prefills else out
+
+
+@functools.cache
+def growing_cache_layer_class():
+    """A DynamicLayer that appends into preallocated room instead of concatenating, and removes
+    rows and leading columns without copying the whole cache.
+
+    On CPU, copying the whole cache at every decode step (``torch.cat`` in DynamicLayer.update,
+    and again whenever a finished row is dropped) cost more than the model's matmuls at batch 64.
+    Keys and values are views ``storage[:rows, :, start:end]``; whoever replaces them (e.g.
+    DynamicLayer.batch_select_indices) makes the next update copy them into new storage.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        HEADROOM = 64         # positions allocated ahead, so storage is regrown every 64 steps
+        storage: tuple = ()   # (keys, values) storage: [rows, heads, positions, head_dim]
+        start = 0             # first storage position in use
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length, n = self.get_seq_length(), key_states.shape[-2]
+            if not self._owns_views() or self.start + length + n > self.storage[0].shape[2]:
+                if length:
+                    self.adopt(self.keys, self.values, room=n)
+                else:                               # DynamicLayer starts from a 1-d empty tensor
+                    self.adopt(key_states[:, :, :0], value_states[:, :, :0], room=n)
+            end = self.start + length
+            rows = key_states.shape[0]
+            for room, new in zip(self.storage, (key_states, value_states)):
+                room[:rows, :, end:end + n] = new
+            self._view(rows, end + n)
+            return self.keys, self.values
+
+        def adopt(self, keys, values, room: int = 0) -> None:
+            """Copy keys and values into new storage with room for ``room`` + HEADROOM more."""
+            self.storage = tuple(t.new_empty((t.shape[0], t.shape[1],
+                                              t.shape[2] + room + self.HEADROOM, t.shape[3]))
+                                 for t in (keys, values))
+            for store, t in zip(self.storage, (keys, values)):
+                store[:, :, :t.shape[2]] = t
+            self.start = 0
+            self._view(keys.shape[0], keys.shape[2])
+
+        def move_rows(self, holes, movers, rows: int) -> None:
+            """Copy rows ``movers`` into rows ``holes`` and keep the first ``rows`` rows."""
+            end = self.start + self.get_seq_length()
+            if holes:
+                for store in self.storage:
+                    used = store[:, :, self.start:end]
+                    used[holes] = used[movers]
+            self._view(rows, end)
+
+        def drop_columns(self, count: int) -> None:
+            """Forget the first ``count`` positions (no row attends to them any more)."""
+            end = self.start + self.get_seq_length()
+            self.start += count
+            self._view(self.keys.shape[0], end)
+
+        def _view(self, rows: int, end: int) -> None:
+            self.keys, self.values = (s[:rows, :, self.start:end] for s in self.storage)
+
+        def _owns_views(self) -> bool:
+            return bool(self.storage) and all(
+                t.data_ptr() == s[:, :, self.start:].data_ptr() and t.stride() == s.stride()
+                for t, s in zip((self.keys, self.values), self.storage))
+
+    return GrowingLayer
+
+
+def _prefill_chunks(lengths: Sequence[int]) -> list[list[int]]:
+    """Consecutive index runs whose left-padded batch stays within PREFILL_TOKENS (one at least)."""
+    chunks: list[list[int]] = []
+    width = 0
+    for i, n in enumerate(lengths):
+        if chunks and max(width, n) * (len(chunks[-1]) + 1) <= PREFILL_TOKENS:
+            chunks[-1].append(i)
+            width = max(width, n)
+        else:
+            chunks.append([i])
+            width = n
+    return chunks
+
+
+@dataclass
+class _DecodeBatch:
+    """The rows being decoded together: their prompt indices, KV cache (left-padded to one
+    length), attention mask over the cache, last position ids and next-token logits."""
+
+    rows: list[int]
+    cache: Any
+    mask: Any
+    last: Any
+    logits: Any
+
+    @classmethod
+    def prefill(cls, model, rows: list[int], prompts: Sequence[Sequence[int]],
+                pad_id: int) -> "_DecodeBatch":
+        from transformers import DynamicCache
+
+        ids, mask = _left_padded(prompts, pad_id, next(model.parameters()).device)
+        positions = mask.cumsum(-1) - 1
+        positions.masked_fill_(mask == 0, 1)            # as generate() fills padding positions
+        cache = DynamicCache(config=model.config)
+        cache.layers = [growing_cache_layer_class()() for _ in cache.layers]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return cls(rows, cache, mask, positions[:, -1], logits)
+
+    def merge(self, other: "_DecodeBatch") -> "_DecodeBatch":
+        """Both batches' rows in one, the shorter cache left-padded to the longer one's length."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.adopt(*(torch.cat([F.pad(a, (0, 0, width - a.shape[2], 0)),
+                                    F.pad(b, (0, 0, width - b.shape[2], 0))])
+                         for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))))
+        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (self.mask, other.mask)])
+        self.last = torch.cat([self.last, other.last])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows = self.rows + other.rows
+        return self
+
+    def select(self, slots: list[int]) -> list[int]:
+        """Keep only the rows at these slots and drop the cache positions none of them attends to
+        any more. Rows from the end fill the slots of rows that left, so only they are copied;
+        returns the old slot of each new one (to reorder the next tokens alike)."""
+        import torch
+
+        rows = len(slots)
+        gone = sorted(set(range(len(self.rows))) - set(slots))
+        holes = [s for s in gone if s < rows]
+        movers = [s for s in slots if s >= rows]
+        order = list(range(rows))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        for layer in self.cache.layers:
+            layer.move_rows(holes, movers, rows)
+        keep = torch.tensor(order, device=self.mask.device)
+        self.rows = [self.rows[s] for s in order]
+        self.mask, self.last = self.mask[keep], self.last[keep]
+        start = int(self.mask.any(0).int().argmax())
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.drop_columns(start)
+        return order
+
+    def step(self, model, token) -> None:
+        """One decode step: feed each row's next token, keep the logits after it."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        self.last = self.last + 1
+        self.logits = model(input_ids=token[:, None], attention_mask=self.mask,
+                            position_ids=self.last[:, None], past_key_values=self.cache,
+                            use_cache=True).logits[:, -1]
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int,

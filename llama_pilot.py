@@ -196,7 +196,7 @@ def run(args) -> int:
 
     from llama_dataset import PromptFormat, read_sft_jsonl
     from llama_io import describe_inputs, now_iso, verify_file_against_manifest, write_json
-    from llama_model import generate_batch, load_tokenizer
+    from llama_model import generate_many, load_tokenizer
     from llama_trainer import build_trainer
 
     if args.use_4bit is False and not args.use_8bit and args.method is None and \
@@ -244,10 +244,8 @@ def run(args) -> int:
         model = trainer.acc.unwrap_model(trainer.model)
         prompts = [fmt.encode_prompt(tokenizer, r["instruction"], r.get("context") or "")
                    for r in samples]
-        gens = []
-        for i in range(0, len(prompts), 8):
-            gens += generate_batch(model, tokenizer, prompts[i:i + 8],
-                                   max_new_tokens=args.max_new_tokens)
+        gens, _ = generate_many(model, tokenizer, prompts, batch_size=8,
+                                max_new_tokens=args.max_new_tokens)
         stop_rate = sum(g.stopped for g in gens) / len(gens) if gens else 0.0
         checks.append(Check("stopping", "stop_rate", round(stop_rate, 4), f">= {args.min_stop_rate}",
                             stop_rate >= args.min_stop_rate, f"{len(gens)} generations"))

@@ -6,9 +6,10 @@
     python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 16 \\
         --num-prompts 32 --max-new-tokens 128
 
-Both runs use ``llama_model.generate_batch`` (left padding, KV cache, greedy) on the same prompts:
-the first --num-prompts records of the golden set, built with the chat template exactly as
-llama_evaluate.py builds them. The result goes to
+Both runs use ``llama_model.generate_many`` (left padding, KV cache, greedy) on the same prompts
+(the golden set's records, or the first --num-prompts, built with the chat template exactly as
+llama_evaluate.py builds them): one prompt at a time, then continuously batched with at most
+--batch-size rows decoding at once. The result goes to
 ``benchmarks/results/generation.json`` with the machine it ran on. Measure the identity check in
 float32: in bf16, left padding changes the numerics enough that some greedy outputs differ; the
 result counts how many differ and where the first differing token is.
@@ -45,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype (float32 for the identity check)")
     parser.add_argument("--golden-set", default=str(DEFAULT_GOLDEN),
                         help="JSONL with instruction/context records (pipeline_sft_prep output)")
-    parser.add_argument("--num-prompts", type=int, default=32,
-                        help="records taken from the start of --golden-set")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per batched call")
+    parser.add_argument("--num-prompts", type=int, default=0,
+                        help="records taken from the start of --golden-set (0: all)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="most prompts decoded at once in the batched run")
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="generation limit (128: llama_evaluate.py's default)")
     parser.add_argument("--threads", type=int, default=None,
@@ -70,20 +72,27 @@ def machine_info() -> dict[str, Any]:
 
 
 def timed_generation(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int,
-                     max_new_tokens: int) -> tuple[list[list[int]], float]:
-    """Token ids per prompt and the wall time, generating ``batch_size`` prompts per call."""
+                     max_new_tokens: int) -> tuple[list[list[int]], float, int]:
+    """Token ids per prompt, the wall time and the prefill calls, at most ``batch_size`` prompts
+    at a time (``llama_model.generate_many``; 1: each prompt generated on its own)."""
     from tqdm.auto import tqdm
 
-    from llama_model import generate_batch
+    from llama_model import generate_many
 
-    outputs: list[list[int]] = []
     start = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"batch size {batch_size}",
-                  unit="call", leave=False):
-        results = generate_batch(model, tokenizer, prompts[i:i + batch_size],
-                                 max_new_tokens=max_new_tokens)
-        outputs.extend(r.token_ids for r in results)
-    return outputs, time.perf_counter() - start
+    with tqdm(total=len(prompts), desc=f"batch size {batch_size}", unit="prompt",
+              leave=False) as bar:
+        if batch_size == 1:
+            results, prefills = [], 0
+            for prompt in prompts:
+                results += generate_many(model, tokenizer, [prompt], batch_size=1,
+                                         max_new_tokens=max_new_tokens)[0]
+                prefills += 1
+                bar.update(1)
+        else:
+            results, prefills = generate_many(model, tokenizer, prompts, batch_size=batch_size,
+                                              max_new_tokens=max_new_tokens, on_done=bar.update)
+    return [r.token_ids for r in results], time.perf_counter() - start, prefills
 
 
 def compare_outputs(one: list[list[int]], batched: list[list[int]]) -> list[dict[str, int]]:
@@ -108,15 +117,15 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
     model = load_base_model(model_path, dtype=args.dtype)
     model.eval()
     fmt = PromptFormat.for_tokenizer(tokenizer)
-    records = read_sft_jsonl(args.golden_set)[:args.num_prompts]
+    records = read_sft_jsonl(args.golden_set)[:args.num_prompts or None]
     if not records:
         raise UsageError(f"{args.golden_set} holds no records")
     prompts = [fmt.encode_prompt(tokenizer, r["instruction"], r.get("context") or "")
                for r in records]
     timed_generation(model, tokenizer, prompts[:1], 1, 2)  # warm-up
-    one, one_s = timed_generation(model, tokenizer, prompts, 1, args.max_new_tokens)
-    batched, batched_s = timed_generation(model, tokenizer, prompts, args.batch_size,
-                                          args.max_new_tokens)
+    one, one_s, _ = timed_generation(model, tokenizer, prompts, 1, args.max_new_tokens)
+    batched, batched_s, prefills = timed_generation(model, tokenizer, prompts, args.batch_size,
+                                                    args.max_new_tokens)
     one_tokens, batched_tokens = sum(map(len, one)), sum(map(len, batched))
     differ = compare_outputs(one, batched)
     one_tps, batched_tps = one_tokens / one_s, batched_tokens / batched_s
@@ -128,7 +137,7 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
         "one_at_a_time": {"seconds": one_s, "generated_tokens": one_tokens,
                           "tokens_per_second": one_tps},
         "batched": {"seconds": batched_s, "generated_tokens": batched_tokens,
-                    "tokens_per_second": batched_tps},
+                    "tokens_per_second": batched_tps, "prefill_calls": prefills},
         "speedup": batched_tps / one_tps,
         "identical": not differ, "num_differ": len(differ), "differ": differ,
         "machine": machine_info()}
@@ -137,10 +146,11 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
         args = build_parser().parse_args(argv)
-        values = {name: getattr(args, name) for name in
-                  ("num_prompts", "batch_size", "max_new_tokens", "threads")}
+        values = {name: getattr(args, name) for name in ("batch_size", "max_new_tokens", "threads")}
         problems = [f"--{name.replace('_', '-')} must be > 0, got {value}"
                     for name, value in values.items() if value is not None and value <= 0]
+        if args.num_prompts < 0:
+            problems.append(f"--num-prompts must be >= 0, got {args.num_prompts}")
         if problems:
             raise UsageError("; ".join(problems))
         from llama_config import EMBEDDED_MODEL_ID
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               f"batched (batch {args.batch_size}): {result['batched']['tokens_per_second']:.1f} "
               f"tokens/s; speed-up x{result['speedup']:.2f}")
         print(f"greedy outputs identical: {result['identical']} "
-              f"({result['num_differ']} of {args.num_prompts} differ, {args.dtype})")
+              f"({result['num_differ']} of {result['num_prompts']} differ, {args.dtype})")
         print(f"result written to {args.output}")
         return 0
 

@@ -71,13 +71,16 @@ FRAMEWORKS = {
     "ours_torch_dropout": "ours with peft's own nn.Dropout on each LoRA input (torch bernoulli_ "
                           "masks) instead of llama_model's MaskDropout",
     "ours_peft_lora": "ours with peft's own LoRA forward instead of llama_model's fused one",
+    "ours_ungrouped": "ours with each fused LoRA linear computed on its own (q/k/v and gate/up "
+                      "not computed together)",
 }
 DEFAULT_FRAMEWORKS = ("ours", "trl_default", "trl_packing", "trl_padding_free", "hf_maxlen")
 # name: (config overrides, how the LoRA weights compute: None | "autocast" | "bf16")
 OURS_VARIANTS = {"ours": ({}, None), "ours_padded": ({"packing": False}, None),
                  "ours_lora_dropout0": ({"lora_dropout": 0.0}, None),
                  "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16"),
-                 "ours_torch_dropout": ({}, None), "ours_peft_lora": ({}, None)}
+                 "ours_torch_dropout": ({}, None), "ours_peft_lora": ({}, None),
+                 "ours_ungrouped": ({}, None)}
 TRL_BEST_CANDIDATES = ("trl_default", "trl_packing", "trl_padding_free")
 TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
@@ -415,6 +418,9 @@ def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dic
         for module in trainer.model.modules():
             if isinstance(module, LoraLinear):
                 module.__class__ = LoraLinear
+    if spec["framework"] == "ours_ungrouped":
+        for module in trainer.model.modules():
+            module.__dict__.pop("lora_siblings", None)
 
     def autocast_forward(batch, num_items):
         with torch.autocast("cpu", dtype=torch.bfloat16):

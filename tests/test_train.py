@@ -328,27 +328,33 @@ def test_lora_dropout_is_swapped_and_is_inverted_dropout(tiny_model_dir):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_fused_lora_function_gradients_are_exact(with_bias, with_mask):
-    """llama_model's fused LoRA linear: forward is x W^T + b + s((m*x)(d A)^T)B^T, and torch's
-    finite-difference check accepts its backward for the input and both adapter matrices."""
+@pytest.mark.parametrize("outs", [(4,), (4, 2, 3)])
+def test_fused_lora_function_gradients_are_exact(with_bias, with_mask, outs):
+    """llama_model's fused LoRA linear, for one linear and for three sharing their input:
+    forward is x W_i^T + b_i + s_i((m_i*x)(d_i A_i)^T)B_i^T side by side, and torch's
+    finite-difference check accepts its backward for the input and every adapter matrix."""
     import torch
 
     from llama_model import lora_linear_function
 
     fn = lora_linear_function()
     gen = torch.Generator().manual_seed(0)
-    x, a, b = (torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
-               for shape in ((7, 5), (3, 5), (4, 3)))
-    weight = torch.randn(4, 5, dtype=torch.float64, generator=gen)
-    bias = torch.randn(4, dtype=torch.float64, generator=gen) if with_bias else None
-    mask = (torch.rand(7, 5, generator=gen) > 0.3).double() if with_mask else None
-    drop_scale, scale = (1.25, 2.0) if with_mask else (1.0, 2.0)
-    out = fn.apply(x, weight, bias, a, b, mask, drop_scale, scale)
-    dropped = x if mask is None else x * mask
-    expected = x @ weight.T + scale * (dropped @ (drop_scale * a).T) @ b.T
-    assert torch.allclose(out, expected + (0 if bias is None else bias), atol=1e-12)
+    n = len(outs)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = [torch.randn(3, 5, dtype=torch.float64, generator=gen, requires_grad=True) for _ in outs]
+    b = [torch.randn(o, 3, dtype=torch.float64, generator=gen, requires_grad=True) for o in outs]
+    weight = torch.randn(sum(outs), 5, dtype=torch.float64, generator=gen)
+    bias = torch.randn(sum(outs), dtype=torch.float64, generator=gen) if with_bias else None
+    masks = [(torch.rand(7, 5, generator=gen) > 0.3).double() if with_mask else None
+             for _ in outs]
+    scales = tuple(((1.25 + i) if with_mask else 1.0, 2.0 - 0.5 * i) for i in range(n))
+    out = fn.apply(x, weight, bias, scales, *a, *b, *masks)
+    expected = x @ weight.T + (0 if bias is None else bias)
+    adapters = [s * ((x if m is None else x * m) @ (d * ai).T) @ bi.T
+                for (d, s), ai, bi, m in zip(scales, a, b, masks)]
+    assert torch.allclose(out, expected + torch.cat(adapters, dim=1), atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda x, a, b: fn.apply(x, weight, bias, a, b, mask, drop_scale, scale), (x, a, b))
+        lambda x, *ab: fn.apply(x, weight, bias, scales, *ab, *masks), (x, *a, *b))
 
 
 def _lora_grads(model, batch, seed):
@@ -372,15 +378,28 @@ def _set_lora_forward(model, fused: bool) -> None:
             module.__class__ = fused_lora_class() if fused else LoraLinear
 
 
-def test_fused_lora_forward_matches_peft(tiny_model_dir):
-    """attach_lora gives every LoRA linear the fused forward. In fp32 it reproduces peft's own
-    forward, dropout masks included (same seed, same loss and gradients); in bf16 its error
-    against the fp32 result is of the size of peft's own bf16 error. Small inputs, disabled
-    adapters, merged weights and autocast go through peft's forward."""
+def test_fused_lora_forward_matches_peft(tiny_model_dir, monkeypatch):
+    """attach_lora gives every LoRA linear the fused forward, q/k/v and gate/up computed
+    together. In fp32 it reproduces peft's own forward, dropout masks included (same seed, same
+    loss and gradients); in bf16 its error against the fp32 result is of the size of peft's own
+    bf16 error. Small inputs, disabled adapters, merged weights and autocast go through peft's
+    forward."""
     import torch
 
+    import llama_model
     from llama_config import LoraSettings
     from llama_model import attach_lora, fused_lora_class, load_base_model
+
+    grouped = []
+    group_forward = llama_model.LoraSiblings.forward
+
+    def counted(self, x, adapter):
+        out = group_forward(self, x, adapter)
+        if out is not None:
+            grouped.append(len(self.modules))
+        return out
+
+    monkeypatch.setattr(llama_model.LoraSiblings, "forward", counted)
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # 1024 tokens: every LoRA input (width 64 or 128) reaches the fused path's MIN_NUMEL
@@ -395,6 +414,12 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir):
                             quantized=False, gradient_checkpointing=False)
         if dtype == "float32":
             assert sum(type(m) is fused_lora_class() for m in model.modules()) == 14
+            attn = model.base_model.model.model.layers[0].self_attn
+            siblings = attn.q_proj.lora_siblings
+            assert siblings is attn.v_proj.lora_siblings and siblings.weight.shape[0] == sum(
+                getattr(attn, n).out_features for n in ("q_proj", "k_proj", "v_proj"))
+            assert torch.equal(attn.k_proj.base_layer.weight, load_base_model(
+                str(tiny_model_dir), dtype=dtype).model.layers[0].self_attn.k_proj.weight)
             state = {k: v.clone() for k, v in model.state_dict().items()}
             gen = torch.Generator().manual_seed(2)
             state.update({k: torch.randn(v.shape, generator=gen) * 0.05
@@ -403,7 +428,10 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir):
         model.train()
         for fused in (True, False):
             _set_lora_forward(model, fused)
+            grouped.clear()
             results[dtype, fused] = _lora_grads(model, batch, seed=5)
+            # 2 layers x (q/k/v + gate/up) computed as groups when fused
+            assert sorted(grouped) == ([2, 2, 3, 3] if fused else [])
         if dtype == "float32":
             _set_lora_forward(model, True)
             layer = next(m for m in model.modules() if type(m) is fused_lora_class())
