@@ -348,9 +348,11 @@ def mask_dropout_class():
 
         A fresh generator is seeded from torch's default generator on each call, so
         ``torch.manual_seed`` and a checkpointed torch RNG state reproduce the masks exactly. An
-        element is kept when a uniform 16-bit draw (a quarter of a raw 64-bit output) is >=
-        round(p * 65536), so the dropout probability is p to within 1/65536 and kept values are
-        scaled by 1 / (1 - that probability). Tensors on other devices, and small ones (where a
+        element is kept when a uniform 16-bit draw is >= round(p * 65536), so the dropout
+        probability is p to within 1/65536 and kept values are scaled by 1 / (1 - that
+        probability). The draw's high byte is one byte of raw 64-bit output; only the 1 in 256
+        elements whose high byte equals the threshold's draw a low byte (half the generator work
+        of drawing 16 bits for every element). Tensors on other devices, and small ones (where a
         generator's set-up costs more than torch's mask: a 3M-parameter model trained 15% slower),
         use torch's dropout (``keep_mask``: torch's ``bernoulli_``).
         """
@@ -380,8 +382,13 @@ def mask_dropout_class():
                 return torch.empty_like(x).bernoulli_(1.0 - self.p), 1.0 / (1.0 - self.p)
             seed = int(torch.randint(0, 2**63 - 1, (1,)))
             n = x.numel()
-            draws = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-            keep = draws >= self.threshold
+            bits = np.random.SFC64(seed)
+            high = bits.random_raw(-(-n // 8)).view(np.uint8)[:n]
+            keep = high > self.threshold >> 8
+            edge = np.flatnonzero(high == self.threshold >> 8)   # decided by the low byte
+            if edge.size:
+                low = bits.random_raw(-(-edge.size // 8)).view(np.uint8)[:edge.size]
+                keep[edge] = low >= (self.threshold & 255)
             if x.dtype in ones:
                 bits, one = ones[x.dtype]
                 mask = torch.from_numpy(keep.view(np.uint8) * bits(one)).view(x.dtype)

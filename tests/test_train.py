@@ -324,6 +324,10 @@ def test_lora_dropout_is_swapped_and_is_inverted_dropout(tiny_model_dir):
     assert torch.equal(drop(x), y)
     assert not torch.equal(drop(x), y)                     # the next call draws a new mask
     assert drop.eval()(x) is x
+    # p = 1/512: decided by the low byte alone (8-bit draws would drop none or twice as many)
+    with torch.no_grad():
+        dropped = int((MaskDropout(1 / 512).train()(x) == 0).sum())
+    assert abs(dropped - 1953) < 200                       # 1e6 * p, sd 44
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
