@@ -13,8 +13,8 @@
 The base model and prompt format are the ones recorded in the adapter directory (``--base-model``
 only has to be given to double-check; a different one is refused). ``--adapter-path`` may also be
 a package archive written by ``llama_package.py``. Generation is batched (left padding, KV cache,
-greedy unless ``--temperature`` > 0). The report schema is ``REPORT_SCHEMA`` below and
-``docs/evaluation_report.md``.
+greedy unless ``--temperature`` > 0; a greedy batch takes a waiting prompt as each answer
+finishes). The report schema is ``REPORT_SCHEMA`` below and ``docs/evaluation_report.md``.
 
 Exit codes: 0 ok, 1 a ``--fail-under`` gate failed (the report is still written and says which),
 2 usage or config error (bad adapter path, base model mismatch), 65 bad data, 74 I/O error.
