@@ -592,7 +592,7 @@ def group_lora_siblings(model) -> int:
                 layer.base_layer.weight = torch.nn.Parameter(matrix[row:row + w.shape[0]],
                                                              requires_grad=False)
                 row += w.shape[0]
-            siblings = LoraSiblings(layers, matrix)
+            siblings = LoraSiblings(layers)
             for layer in layers:
                 layer.lora_siblings = siblings
             groups += 1
@@ -601,26 +601,27 @@ def group_lora_siblings(model) -> int:
 
 class LoraSiblings:
     """Fused LoRA linears that read the same input and whose frozen weights are consecutive rows
-    of ``weight`` (see group_lora_siblings).
+    of one matrix (see group_lora_siblings).
 
     When the first is called, all of them are computed by one ``lora_linear_function`` call (one
     matmul with the stacked weight forward and one backward, instead of one per linear), its
     dropout masks drawn in the order the separate calls would draw them. The others' outputs wait
     here until they are called with the same input tensor. If any of them could not take the
-    fused path on its own, or the weights are no longer views of ``weight`` (moved to another
-    device, sharded), each computes separately.
+    fused path on its own, or the weights are no longer consecutive rows of one storage (moved
+    to another device, sharded), each computes separately. The stacked matrix is a view rebuilt
+    from the weights on each call, never held here, so replaced weights free their memory.
     """
 
-    def __init__(self, modules, weight):
+    def __init__(self, modules):
         self.modules = list(modules)
-        self.weight = weight
         self.pending: tuple[Any, dict] | None = None
 
     def forward(self, x, adapter: str):
         """The first module's output for ``x``, the others' kept for ``take``; None when they
         must compute separately."""
-        if not self._intact(x) or any(m._fusable_adapter(x, (), {}) != adapter
-                                      for m in self.modules[1:]):
+        weight = self.stacked_weight()
+        if (weight is None or weight.device != x.device or weight.dtype != x.dtype
+                or any(m._fusable_adapter(x, (), {}) != adapter for m in self.modules[1:])):
             return None
         flat = x.reshape(-1, x.shape[-1])
         scales, keeps = [], []
@@ -629,7 +630,7 @@ class LoraSiblings:
             scales.append((drop_scale, m.scaling[adapter]))
             keeps.append(keep)
         out = lora_linear_function().apply(
-            flat, self.weight, None, tuple(scales),
+            flat, weight, None, tuple(scales),
             *(m.lora_A[adapter].weight for m in self.modules),
             *(m.lora_B[adapter].weight for m in self.modules), *keeps)
         pieces = out.view(*x.shape[:-1], out.shape[-1]).split(
@@ -646,17 +647,22 @@ class LoraSiblings:
             self.pending = None
         return out
 
-    def _intact(self, x) -> bool:
-        weight = self.weight
-        if weight.device != x.device or weight.dtype != x.dtype:
-            return False
-        step, offset = weight.stride(0) * weight.element_size(), 0
-        for m in self.modules:
-            w = m.base_layer.weight
-            if w.data_ptr() != weight.data_ptr() + offset * step or w.stride() != weight.stride():
-                return False
-            offset += w.shape[0]
-        return True
+    def stacked_weight(self):
+        """The weights as one [sum of rows, in] view when they are still consecutive contiguous
+        rows of one storage (plain tensors, not sharded ones), else None."""
+        import torch
+
+        weights = [m.base_layer.weight.detach() for m in self.modules]
+        first = weights[0]
+        offset = first.storage_offset()
+        for w in weights:
+            if (type(w) is not torch.Tensor or not w.is_contiguous() or w.device != first.device
+                    or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                    or w.storage_offset() != offset or w.shape[1] != first.shape[1]):
+                return None
+            offset += w.numel()
+        rows = sum(w.shape[0] for w in weights)
+        return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
 def fast_rms_norms(model) -> int:

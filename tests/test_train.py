@@ -420,8 +420,13 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir, monkeypatch):
             assert sum(type(m) is fused_lora_class() for m in model.modules()) == 14
             attn = model.base_model.model.model.layers[0].self_attn
             siblings = attn.q_proj.lora_siblings
-            assert siblings is attn.v_proj.lora_siblings and siblings.weight.shape[0] == sum(
+            assert siblings is attn.v_proj.lora_siblings
+            assert siblings.stacked_weight().shape[0] == sum(
                 getattr(attn, n).out_features for n in ("q_proj", "k_proj", "v_proj"))
+            moved = attn.k_proj.base_layer.weight                 # a weight replaced elsewhere
+            attn.k_proj.base_layer.weight = torch.nn.Parameter(moved.clone(), requires_grad=False)
+            assert siblings.stacked_weight() is None
+            attn.k_proj.base_layer.weight = moved
             assert torch.equal(attn.k_proj.base_layer.weight, load_base_model(
                 str(tiny_model_dir), dtype=dtype).model.layers[0].self_attn.k_proj.weight)
             state = {k: v.clone() for k, v in model.state_dict().items()}
