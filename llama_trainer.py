@@ -1048,7 +1048,7 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     """Load tokenizer and model through llama_model, tokenize, and return a ready Trainer."""
     # llama_model first: it quiets library noise before accelerate imports bitsandbytes
     from llama_model import (attach_lora, count_parameters, load_base_model, load_tokenizer,
-                             packed_attention)
+                             packed_attention, retain_freed_memory)
 
     import torch
     from transformers import set_seed
@@ -1056,6 +1056,8 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_notice)
     accelerator = make_accelerator(cfg)
     check_distributed_setup(accelerator)   # before loading anything
+    if accelerator.device.type == "cpu":
+        retain_freed_memory()
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.base_model)
     fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data.prompt_style)

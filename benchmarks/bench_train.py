@@ -73,6 +73,8 @@ FRAMEWORKS = {
     "ours_peft_lora": "ours with peft's own LoRA forward instead of llama_model's fused one",
     "ours_ungrouped": "ours with each fused LoRA linear computed on its own (q/k/v and gate/up "
                       "not computed together)",
+    "ours_glibc_default": "ours with glibc's default malloc policy (llama_model."
+                          "retain_freed_memory not applied)",
 }
 DEFAULT_FRAMEWORKS = ("ours", "trl_default", "trl_packing", "trl_padding_free", "hf_maxlen")
 # name: (config overrides, how the LoRA weights compute: None | "autocast" | "bf16")
@@ -80,10 +82,11 @@ OURS_VARIANTS = {"ours": ({}, None), "ours_padded": ({"packing": False}, None),
                  "ours_lora_dropout0": ({"lora_dropout": 0.0}, None),
                  "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16"),
                  "ours_torch_dropout": ({}, None), "ours_peft_lora": ({}, None),
-                 "ours_ungrouped": ({}, None)}
+                 "ours_ungrouped": ({}, None), "ours_glibc_default": ({}, None)}
 TRL_BEST_CANDIDATES = ("trl_default", "trl_packing", "trl_padding_free")
 TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
+PROBE_SECONDS = 0.5         # the matmul speed probe before and after each run
 IGNORE_INDEX = -100
 # Architecture of the 7B-shaped GPU run (Llama-2-7b) and of a tiny stand-in that tests it on CPU.
 GPU_SHAPES = {
@@ -129,7 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alternate: ours before every peer; round: each framework once per round")
     parser.add_argument("--retries", type=int, default=2,
                         help="re-runs of a run disturbed by other processes (CPU utilization "
-                             f"under {UTILIZATION_FLOOR}); disturbed runs are kept, flagged")
+                             f"under {UTILIZATION_FLOOR}, or a speed probe under --probe-floor); "
+                             "disturbed runs are kept, flagged")
+    parser.add_argument("--probe-floor", type=float, default=0.85,
+                        help="before and after each run, time bf16 matmuls for "
+                             f"{PROBE_SECONDS} s; below this share of the measured bf16 peak the "
+                             "machine's cores are shared with something this machine cannot see "
+                             "(another virtual machine): wait before the run, flag it after; 0 "
+                             "disables")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run; None: torch's default")
     parser.add_argument("--max-load", type=float, default=1.5,
@@ -165,6 +175,8 @@ def check_args(args) -> None:
                  "gpu_steps") if getattr(args, n) <= 0]
     if args.warmup < 0 or args.retries < 0:
         problems.append("--warmup and --retries must be >= 0")
+    if not 0 <= args.probe_floor < 1:
+        problems.append("--probe-floor must be in [0, 1)")
     unknown_models = sorted(set(csv_list(args.models)) - {"135m", "tiny"})
     if unknown_models:
         problems.append(f"--models: unknown {', '.join(unknown_models)} (valid: 135m, tiny)")
@@ -252,6 +264,32 @@ class LoadGate:
             load = os.getloadavg()[0]
         quiet = self.max_load <= 0 or load < self.max_load
         return {"load_1m": round(load, 2), "waited_s": waited, "quiet": quiet}
+
+    def wait_for_speed(self, what: str, probe: Callable[[], float], floor: float) -> float:
+        """Polls ``probe`` (GFLOP/s) until it reaches ``floor`` or the waits run out; returns the
+        last reading. A floor of 0 takes one reading and never waits."""
+        rate, waited = probe(), 0.0
+        while rate < floor and waited < self.max_wait and self.waited < self.budget:
+            log(f"waiting for the cores before {what}: matmul probe {rate:.0f} < {floor:.0f} GFLOP/s")
+            self.sleep(self.poll_s)
+            waited += self.poll_s
+            self.waited += self.poll_s
+            rate = probe()
+        return rate
+
+
+def matmul_probe(seconds: float = PROBE_SECONDS, n: int = 1024) -> float:
+    """Median GFLOP/s of n x n bf16 matmuls over ``seconds``: low when the cores are shared."""
+    import torch
+
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    torch.mm(a, b)
+    rates, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return round(statistics.median(rates), 1)
 
 
 def matmul_peak(dtype_name: str, seconds: float, sizes: Sequence[int] = (1024, 2048)) -> dict:
@@ -392,11 +430,14 @@ class StepRecorder:
 def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dict[str, Any]:
     import torch
 
+    import llama_model
     from llama_config import RunConfig
     from llama_dataset import read_sft_jsonl
     from llama_trainer import build_trainer
 
     overrides, lora_compute = OURS_VARIANTS[spec["framework"]]
+    if spec["framework"] == "ours_glibc_default":   # each run is its own process
+        llama_model.retain_freed_memory = lambda *args, **kwargs: False
     cfg = RunConfig.from_dict({**spec["config"], **overrides})
     records = read_sft_jsonl(spec["dataset"], "train")
     trainer = build_trainer(cfg, workdir / "out", train_records=records, eval_records=[],
@@ -663,6 +704,7 @@ def summarize_runs(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "cpu_utilization_by_run": [round(r["utilization"], 3) for r in runs],
         "load_1m_by_run": [r["load"]["load_1m"] for r in runs],
         "load_1m_after_by_run": [r["load_after"] for r in runs],
+        "probe_gflops_by_run": [r.get("probe_gflops") for r in runs],
         "all_runs_started_quiet": all(r["load"]["quiet"] for r in runs),
     }
 
@@ -773,6 +815,8 @@ class Benchmark:
         for attempt in range(self.args.retries + 1):
             tag = f"{model}-{framework}-{rnd}-{attempt}{'-profile' if profile else ''}"
             load = self.gate.wait(tag)
+            floor = self.args.probe_floor * self.result["peak"]["bf16"]["gflops"]
+            probe_before = self.gate.wait_for_speed(tag, matmul_probe, floor)
             spec = {"tag": tag, "model": model, "framework": framework, "config": prep["config"],
                     "dataset": self.args.dataset, "examples_file": prep["examples_file"],
                     "examples_used": prep["examples_used"], "warmup": self.args.warmup,
@@ -781,14 +825,18 @@ class Benchmark:
             log(f"run {tag} (load {load['load_1m']:.2f})")
             run = launch(spec, tmp)
             busy = utilization(run, self.args.warmup)
+            probes = [probe_before, matmul_probe()]
+            shared = min(probes) < floor
             run.update(model=model, round=rnd, attempt=attempt, load=load,
                        load_after=round(os.getloadavg()[0], 2), utilization=busy,
-                       disturbed=busy < UTILIZATION_FLOOR,
+                       probe_gflops=probes, cores_shared=shared,
+                       disturbed=busy < UTILIZATION_FLOOR or shared,
                        same_examples=run["examples_digest"] == prep["digest"])
             if not run["disturbed"] or attempt == self.args.retries or profile:
                 return run
-            log(f"{tag} was disturbed (CPU utilization {busy:.2f} < {UTILIZATION_FLOOR}); "
-                f"kept as such, running it again")
+            log(f"{tag} was disturbed (CPU utilization {busy:.2f}, floor {UTILIZATION_FLOOR}; "
+                f"matmul probe {min(probes):.0f}, floor {floor:.0f} GFLOP/s); kept as such, "
+                f"running it again")
             self.runs.append(run)
         return run
 
@@ -836,7 +884,10 @@ class Benchmark:
                          "lora": {k: any_cfg[k] for k in ("lora_r", "lora_alpha", "lora_dropout",
                                                           "lora_target_modules")},
                          "optimizer": "torch AdamW (adamw_torch)", "gradient_checkpointing": False,
-                         "max_load": args.max_load},
+                         "max_load": args.max_load, "probe_floor": args.probe_floor,
+                         "probe": f"median GFLOP/s of 1024x1024 bf16 matmuls for {PROBE_SECONDS} s "
+                                  "before and after each run; a run with a probe under "
+                                  "probe_floor x the bf16 peak is disturbed"},
             "frameworks": {f: FRAMEWORKS[f] for f in frameworks},
             "formula": "FLOPs/token = 4*N_frozen + 6*N_trainable + 12*layers*d_attn*ctx; N counts "
                        "every matmul weight (linear layers, LoRA A/B, LM head; not embedding "

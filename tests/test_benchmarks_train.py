@@ -31,7 +31,8 @@ def smoke_result(tmp_path_factory, tiny_model_dir):
     rc = bench_train.main(["--models", "tiny", "--tiny-model-dir", str(tiny_model_dir),
                            "--dataset", str(data), "--config", "", "--steps", "2", "--warmup", "1",
                            "--repeats", "1", "--schedule", "round", "--max-load", "0",
-                           "--retries", "0", "--peak-seconds", "0.05", "--dtype", "float32", "--output", str(out)])
+                           "--retries", "0", "--probe-floor", "0", "--peak-seconds", "0.05",
+                           "--dtype", "float32", "--output", str(out)])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -48,6 +49,9 @@ def test_smoke_every_framework_ran_the_same_examples(smoke_result):
         assert 0 < summary["mfu_bf16"] < summary["mfu_fp32"]
     runs = {r["framework"]: r for r in smoke_result["runs"]}
     assert all(len(r["steps"]) == 3 for r in runs.values())
+    # --probe-floor 0: the matmul probe is read before and after each run but flags nothing
+    assert all(len(r["probe_gflops"]) == 2 and min(r["probe_gflops"]) > 0
+               and r["cores_shared"] is False for r in runs.values())
     # Same batches in the same order: equal real-token counts (padding not counted) ...
     tokens = {fw: [s["tokens"] for s in runs[fw]["steps"]] for fw in runs}
     for fw in ("trl_default", "trl_padding_free", "hf_maxlen"):
@@ -108,6 +112,22 @@ def test_load_gate_waits_for_a_quiet_machine_within_its_budget(monkeypatch):
     assert gate.wait("b") == {"load_1m": 5.0, "waited_s": 30, "quiet": False}   # budget spent
     assert slept == [30, 30, 30]
     assert bench_train.LoadGate(0, 600, 600).wait("c")["quiet"] is True
+
+
+def test_speed_gate_waits_until_the_matmul_probe_reaches_its_floor():
+    rates = iter([100.0, 200.0, 400.0, 50.0, 60.0])
+    slept = []
+    gate = bench_train.LoadGate(1.5, max_wait=600, budget=90, poll_s=30, sleep=slept.append)
+    assert gate.wait_for_speed("a", lambda: next(rates), 300.0) == 400.0
+    assert gate.wait_for_speed("b", lambda: next(rates), 300.0) == 60.0    # budget spent
+    assert slept == [30, 30, 30]
+    assert gate.wait_for_speed("c", lambda: 1.0, 0.0) == 1.0                # floor 0: no wait
+    assert slept == [30, 30, 30]
+
+
+def test_matmul_probe_reads_a_plausible_rate():
+    rate = bench_train.matmul_probe(seconds=0.05, n=128)
+    assert 0.05 < rate < 1e5    # GFLOP/s of a CPU or GPU-less machine, not seconds or FLOP/s
 
 
 def test_bad_arguments_are_reported_together(tmp_path, capsys):
