@@ -175,8 +175,8 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
     A CPU training step allocates and frees the same activation buffers thousands of times. By
     default glibc maps buffers over its (adaptive) threshold fresh from the kernel and trims the
     heap top as soon as enough is free, so the next step faults those pages in again: 1,500-
-    8,700 page faults per step on the 135M model here, and 0 with these settings. Steps were
-    0.5-2% faster in 4 of 4 paired processes (more when the machine was busy), with the same
+    9,800 page faults per step on the 135M model here, and 0 with these settings. Steps were
+    0.5-2.3% faster in three paired processes and 23% in a fourth (a busy moment), with the same
     peak RSS (memory already touched is reused, not added to). Buffers of ``mmap_threshold``
     bytes and more are still mapped and unmapped.
     Returns False (and changes nothing) where the C library is not glibc.
