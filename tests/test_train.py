@@ -535,3 +535,32 @@ def test_packed_attention_matches_the_masked_sdpa_path(tiny_model_dir):
     (loss_a, grad_a, fb_a), (loss_b, grad_b, fb_b) = results.values()
     assert abs(loss_a - loss_b) < 1e-5 and abs(fb_a - fb_b) < 1e-6
     assert torch.allclose(grad_a, grad_b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fast_rms_norm_is_transformers_norm_bit_for_bit(dtype):
+    """FastRMSNorm (fast_rms_norms swaps it in for every LlamaRMSNorm) gives transformers' outputs
+    and gradients, for the input and the weight, bit for bit."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llama_model import fast_rms_norms
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, dtype)
+    x = (torch.randn(3, 50, 96, generator=gen) * 4 + 1).to(dtype)
+    grad_out = torch.randn(3, 50, 96, generator=gen).to(dtype)
+    results = []
+    for fast in (False, True):
+        norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5)
+        holder = torch.nn.Sequential(norm)
+        if fast:
+            assert fast_rms_norms(holder) == 1 and type(norm) is not LlamaRMSNorm
+        inp = x.clone().requires_grad_()
+        out = holder(inp)
+        out.backward(grad_out)
+        results.append((out, inp.grad, norm.weight.grad))
+    for plain, fast in zip(*results):
+        assert fast.dtype == plain.dtype and torch.equal(fast, plain)
