@@ -291,9 +291,9 @@ def packed_attention() -> str:
     so no work goes to the masked-out blocks; on CPU it computes in fp32, where the kernel is
     about twice as fast as bf16 (measured here). The examples are cut out with ``split``, whose
     backward is one ``cat``: slicing them out one by one made each slice's backward fill a
-    zero tensor as long as the whole row, 25% of this function's time on CPU, and a 135M
-    training step was 4% slower (measured here). Without the boundaries (evaluation,
-    generation, padded batches) it is transformers' own SDPA, mask and all.
+    zero tensor as long as the whole row, 25% of this function's time on CPU (4.92 against
+    4.45 ms per 135M layer forward and backward, measured here). Without the boundaries
+    (evaluation, generation, padded batches) it is transformers' own SDPA, mask and all.
     """
     import torch
     import torch.nn.functional as F
