@@ -23,7 +23,7 @@ $(STAMP): requirements_training.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
-	$(PY) llama_model.py --embedded-path
+	$(PY) -m llama_sft.model.embedded
 
 embedded: setup
 

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from llama_io import HelpFormatter, write_json
+from llama_sft.cli import HelpFormatter
+from llama_sft.files import write_json
 
 ROOT = Path(__file__).resolve().parent
 

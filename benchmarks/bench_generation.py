@@ -28,7 +28,8 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llama_io import UsageError, run_main, write_json  # noqa: E402
+from llama_sft.errors import UsageError, run_main  # noqa: E402
+from llama_sft.files import write_json  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "generation.json"
 DEFAULT_GOLDEN = ROOT / "sft_output" / "golden_set.jsonl"
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from llama_io import library_versions
+    from llama_sft.files import library_versions
 
     return {"platform": platform.platform(), "processor": platform.processor() or None,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -77,7 +78,7 @@ def timed_generation(model, tokenizer, prompts: Sequence[Sequence[int]], batch_s
     at a time (``llama_model.generate_many``; 1: each prompt generated on its own)."""
     from tqdm.auto import tqdm
 
-    from llama_model import generate_many
+    from llama_sft.model.generation.batch import generate_many
 
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc=f"batch size {batch_size}", unit="prompt",
@@ -108,8 +109,9 @@ def compare_outputs(one: list[list[int]], batched: list[list[int]]) -> list[dict
 def benchmark(model_path: str, args) -> dict[str, Any]:
     import torch
 
-    from llama_dataset import PromptFormat, read_sft_jsonl
-    from llama_model import load_base_model, load_tokenizer
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.data.records import read_sft_jsonl
+    from llama_sft.model.loading import load_base_model, load_tokenizer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -153,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"--num-prompts must be >= 0, got {args.num_prompts}")
         if problems:
             raise UsageError("; ".join(problems))
-        from llama_config import EMBEDDED_MODEL_ID
-        from llama_model import save_tiny_llama
+        from llama_sft.config.presets import EMBEDDED_MODEL_ID
+        from llama_sft.model.tiny import save_tiny_llama
 
         with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
             model_path = str(save_tiny_llama(Path(tmp))) if args.tiny else \

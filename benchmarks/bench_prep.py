@@ -67,9 +67,13 @@ def run_size(n: int, tokenizer: str, data_dir: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "data"))
     import make_demo_data
-    import pipeline_sft_prep as prep
-    from llama_config import get_preset
-    from llama_dataset import PromptFormat
+    from llama_sft.config.presets import get_preset
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.prep.options import PrepConfig
+    from llama_sft.prep.report import RejectLog
+    from llama_sft.prep.stage import Prep, load_target_tokenizer, write_jsonl
+    from llama_sft.prep.training_config import derive_training_config
+    from llama_sft.prep.workers import gc_paused
 
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"bench-{n}.jsonl"
@@ -77,18 +81,18 @@ def run_size(n: int, tokenizer: str, data_dir: Path) -> dict:
     path.write_bytes(b"\n".join(make_demo_data.build_lines(n, seed=11)) + b"\n")
     generate_s = time.perf_counter() - t
     t = time.perf_counter()
-    tok = prep.load_target_tokenizer(tokenizer)
+    tok = load_target_tokenizer(tokenizer)
     fmt = PromptFormat.for_tokenizer(tok)
     tokenizer_s = time.perf_counter() - t
     rss_before = _rss_mb()
-    cfg = prep.PrepConfig(enriched=(str(path),), golden_size=150)
+    cfg = PrepConfig(enriched=(str(path),), golden_size=150)
     preset = get_preset("135m")
     out = data_dir / f"bench-{n}-out"
     out.mkdir(exist_ok=True)
     phases = {}
-    with prep.gc_paused():                 # as run_prep runs every phase
+    with gc_paused():                 # as run_prep runs every phase
         with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects:
-            run = prep.Prep(cfg, prep.RejectLog(rejects), tok, fmt, progress=False)
+            run = Prep(cfg, RejectLog(rejects), tok, fmt, progress=False)
             for name, step in (("read", run.read), ("tokenize", lambda: run.measure_lengths(512)),
                                ("split", run.split), ("decontaminate", run.decontaminate)):
                 t = time.perf_counter()
@@ -96,16 +100,15 @@ def run_size(n: int, tokenizer: str, data_dir: Path) -> dict:
                 phases[name] = time.perf_counter() - t
         t = time.perf_counter()
         n_train = sum(s == "train" for s in run.splits)
-        values, how = prep.derive_training_config(n_train, [k.tokens for k in run.kept], preset,
-                                                  512)
-        prep.write_jsonl(out / "sft_dataset.jsonl", run.records(golden=False))
-        prep.write_jsonl(out / "golden_set.jsonl", run.records(golden=True))
+        values, how = derive_training_config(n_train, [k.tokens for k in run.kept], preset, 512)
+        write_jsonl(out / "sft_dataset.jsonl", run.records(golden=False))
+        write_jsonl(out / "golden_set.jsonl", run.records(golden=True))
         report = run.report(values, how, tokenizer, 512)
         (out / "prep_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         phases["write"] = time.perf_counter() - t
     total = sum(phases.values())
     return {"records": n, "kept": len(run.kept), "rejected": report["counts"]["rejected"],
-            "workers": run.worker_count(), "cpus": os.cpu_count(),
+            "workers": run.intake.worker_count(), "cpus": os.cpu_count(),
             "total_s": round(total, 3), "records_per_s": round(n / total, 1),
             "phases_s": {k: round(v, 3) for k, v in phases.items()},
             "tokenize_records_per_s": round(n / phases["tokenize"], 1),
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tokenizer is None:
         sys.path.insert(0, str(ROOT))
-        from llama_config import get_preset
+        from llama_sft.config.presets import get_preset
         args.tokenizer = get_preset("135m").base_model
     if args.worker:
         print(json.dumps(run_size(args.worker, args.tokenizer, args.data_dir)))

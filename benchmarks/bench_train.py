@@ -7,11 +7,11 @@
     python3 benchmarks/bench_train.py --gpu                # CUDA only: 7B-shaped LoRA and QLoRA, seq 2048
 
 Every framework trains the same model with the same examples (``sft_output/`` train split, tokenized
-once by ``llama_dataset.encode_records``), the same max_length, per-device batch, accumulation,
+once by ``llama_sft.data.tokenize.encode_records``), the same max_length, per-device batch, accumulation,
 learning rate and schedule, AdamW, LoRA config and weight dtype, for the same number of optimizer
 steps; gradient checkpointing, evaluation and checkpoint saving are off for all. Frameworks:
 
-    ours              llama_trainer.build_trainer + Trainer.run (padding-free packing of each batch)
+    ours              llama_sft.train.build_trainer + Trainer.run (padding-free packing of each batch)
     ours_padded       the same with --no-packing (pad to the longest example), for comparison
     trl_default       TRL SFTTrainer, its defaults (pad to the longest in the batch, bf16 autocast)
     trl_packing       TRL SFTTrainer, packing=True (best-fit-decreasing rows of max_length)
@@ -48,14 +48,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from llama_io import PipelineError, UsageError, now_iso, run_main, write_json  # noqa: E402
+from llama_sft.config.settings import KERNELS  # noqa: E402
+from llama_sft.errors import PipelineError, UsageError, run_main  # noqa: E402
+from llama_sft.files import now_iso, write_json  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "train.json"
 DEFAULT_GPU_OUTPUT = HERE / "results" / "train_gpu.json"
 DEFAULT_DATASET = ROOT / "sft_output" / "sft_dataset.jsonl"
 DEFAULT_CONFIG = ROOT / "sft_output" / "training_config.json"
 FRAMEWORKS = {
-    "ours": "llama_trainer.build_trainer + Trainer.run: padding-free packing of each batch, "
+    "ours": "llama_sft.train.build_trainer + Trainer.run: padding-free packing of each batch, "
             "logits only at supervised positions",
     "trl_default": "trl.SFTTrainer defaults: pad to the longest example, bf16 autocast, fused "
                    "chunked LM-head loss with entropy/accuracy metrics",
@@ -63,26 +65,37 @@ FRAMEWORKS = {
                    "padding-free",
     "trl_padding_free": "trl.SFTTrainer padding_free=True: each batch flattened into one row",
     "hf_maxlen": "transformers.Trainer + peft: every example padded to max_length",
-    # Variants of ours for the profile findings (not peers; not run unless named):
+    # Variants of ours, each a run-config setting (not peers; not run unless named):
     "ours_padded": "ours with packing off: pad to the longest example of the batch",
     "ours_lora_dropout0": "ours with lora_dropout 0 (peft then skips the dropout on each input)",
-    "ours_autocast": "ours with the forward under bf16 autocast (fp32 LoRA master weights)",
-    "ours_bf16_lora": "ours with the LoRA weights themselves in bf16 (no fp32 casts)",
-    "ours_torch_dropout": "ours with peft's own nn.Dropout on each LoRA input (torch bernoulli_ "
-                          "masks) instead of llama_model's MaskDropout",
-    "ours_peft_lora": "ours with peft's own LoRA forward instead of llama_model's fused one",
-    "ours_ungrouped": "ours with each fused LoRA linear computed on its own (q/k/v and gate/up "
-                      "not computed together)",
-    "ours_glibc_default": "ours with glibc's default malloc policy (llama_model."
-                          "retain_freed_memory not applied)",
+    "ours_torch_dropout": "ours without the mask_dropout kernel: peft's nn.Dropout on each LoRA "
+                          "input (torch bernoulli_ masks)",
+    "ours_peft_lora": "ours without the fused_lora kernel: peft's own LoRA forward",
+    "ours_ungrouped": "ours without the lora_siblings kernel: each fused LoRA linear computed on "
+                      "its own (q/k/v and gate/up not together)",
+    "ours_torch_rms_norm": "ours without the rms_norm kernel: transformers' LlamaRMSNorm",
+    "ours_masked_sdpa": "ours without the packed_attention kernel: SDPA with the block-diagonal "
+                        "mask over each packed row",
+    "ours_glibc_default": "ours without the retain_memory kernel: glibc's default malloc policy",
+    "ours_no_kernels": "ours with none of the training kernels (--kernels none)",
 }
 DEFAULT_FRAMEWORKS = ("ours", "trl_default", "trl_packing", "trl_padding_free", "hf_maxlen")
-# name: (config overrides, how the LoRA weights compute: None | "autocast" | "bf16")
-OURS_VARIANTS = {"ours": ({}, None), "ours_padded": ({"packing": False}, None),
-                 "ours_lora_dropout0": ({"lora_dropout": 0.0}, None),
-                 "ours_autocast": ({}, "autocast"), "ours_bf16_lora": ({}, "bf16"),
-                 "ours_torch_dropout": ({}, None), "ours_peft_lora": ({}, None),
-                 "ours_ungrouped": ({}, None), "ours_glibc_default": ({}, None)}
+
+
+def _without(*names: str) -> dict[str, Any]:
+    return {"kernels": [k for k in KERNELS if k not in names]}
+
+
+# name: run-config values over the benchmark's config
+OURS_VARIANTS = {"ours": {}, "ours_padded": {"packing": False},
+                 "ours_lora_dropout0": {"lora_dropout": 0.0},
+                 "ours_torch_dropout": _without("mask_dropout"),
+                 "ours_peft_lora": _without("fused_lora", "lora_siblings"),
+                 "ours_ungrouped": _without("lora_siblings"),
+                 "ours_torch_rms_norm": _without("rms_norm"),
+                 "ours_masked_sdpa": _without("packed_attention"),
+                 "ours_glibc_default": _without("retain_memory"),
+                 "ours_no_kernels": {"kernels": []}}
 TRL_BEST_CANDIDATES = ("trl_default", "trl_packing", "trl_padding_free")
 TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
@@ -212,7 +225,7 @@ def machine_info() -> dict[str, Any]:
     import psutil
     import torch
 
-    from llama_io import library_versions
+    from llama_sft.files import library_versions
 
     versions = library_versions()
     for pkg in ("trl",):
@@ -229,18 +242,23 @@ def machine_info() -> dict[str, Any]:
 
 
 def code_state() -> dict[str, Any]:
-    """Which pipeline code was measured: the commit, and the trainer's modules as they were."""
-    from llama_io import git_commit, sha256_file
+    """Which pipeline code was measured: the commit, what was uncommitted, and a digest of the
+    package's sources as they were."""
+    import hashlib
+
+    from llama_sft.files import git_commit
 
     try:
-        status = subprocess.run(["git", "status", "--porcelain", "--", "llama_*.py"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=10).stdout
+        status = subprocess.run(["git", "status", "--porcelain", "--", "llama_sft", "*.py"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         status = ""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "llama_sft").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return {"git_commit": git_commit(),
             "uncommitted": sorted(line[3:] for line in status.splitlines()),
-            "sha256": {name: sha256_file(ROOT / name)[:16]
-                       for name in ("llama_trainer.py", "llama_dataset.py", "llama_model.py")}}
+            "llama_sft_sha256": digest.hexdigest()[:16]}
 
 
 class LoadGate:
@@ -315,7 +333,7 @@ def matmul_peak(dtype_name: str, seconds: float, sizes: Sequence[int] = (1024, 2
 
 def resolve_run_config(args, model_path: str) -> dict[str, Any]:
     """The RunConfig every framework follows: 135m preset < --config < the benchmark's flags."""
-    from llama_config import load_config_file, resolve_config
+    from llama_sft.config.settings import load_config_file, resolve_config
 
     file_values = load_config_file(args.config) if args.config else {}
     total = args.warmup + args.steps
@@ -329,9 +347,11 @@ def resolve_run_config(args, model_path: str) -> dict[str, Any]:
 
 def encode_train_split(dataset: str, cfg_dict: dict[str, Any]) -> list[dict[str, list[int]]]:
     """The train split tokenized as the trainer tokenizes it, in file order."""
-    from llama_config import RunConfig
-    from llama_dataset import PromptFormat, encode_records, read_sft_jsonl
-    from llama_model import load_tokenizer
+    from llama_sft.config.settings import RunConfig
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.data.records import read_sft_jsonl
+    from llama_sft.data.tokenize import encode_records
+    from llama_sft.model.loading import load_tokenizer
 
     cfg = RunConfig.from_dict(cfg_dict)
     tokenizer = load_tokenizer(cfg.base_model)
@@ -344,7 +364,7 @@ def encode_train_split(dataset: str, cfg_dict: dict[str, Any]) -> list[dict[str,
 
 
 def trainer_order(n: int, seed: int, epoch: int = 0) -> list[int]:
-    """llama_trainer.Trainer.epoch_order: the permutation the trainer uses for ``epoch``."""
+    """Trainer.epoch_order: the permutation the trainer uses for ``epoch``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -428,58 +448,21 @@ class StepRecorder:
 
 
 def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dict[str, Any]:
-    import torch
+    from llama_sft.config.settings import RunConfig
+    from llama_sft.data.records import read_sft_jsonl
+    from llama_sft.train.build import build_trainer
+    from llama_sft.train.callbacks import TrainerCallback
 
-    import llama_model
-    from llama_config import RunConfig
-    from llama_dataset import read_sft_jsonl
-    from llama_trainer import build_trainer
-
-    overrides, lora_compute = OURS_VARIANTS[spec["framework"]]
-    if spec["framework"] == "ours_glibc_default":   # each run is its own process
-        llama_model.retain_freed_memory = lambda *args, **kwargs: False
-    cfg = RunConfig.from_dict({**spec["config"], **overrides})
-    records = read_sft_jsonl(spec["dataset"], "train")
-    trainer = build_trainer(cfg, workdir / "out", train_records=records, eval_records=[],
-                            sample_records=[], progress=False)
-    info = matmul_params(trainer.acc.unwrap_model(trainer.model))
-    train_step, log_metrics, forward_loss = trainer.train_step, trainer.log_metrics, \
-        trainer.forward_loss
-    if lora_compute == "bf16":
-        for _, param in trainer.trainable:
-            param.data = param.data.to(torch.bfloat16)
-    if spec["framework"] == "ours_torch_dropout":
-        for module in trainer.model.modules():
-            dropouts = getattr(module, "lora_dropout", None)
-            if isinstance(dropouts, torch.nn.ModuleDict):
-                for name, dropout in dropouts.items():
-                    dropouts[name] = torch.nn.Dropout(getattr(dropout, "p", 0.0))
-    if spec["framework"] == "ours_peft_lora":
-        from peft.tuners.lora import Linear as LoraLinear
-        for module in trainer.model.modules():
-            if isinstance(module, LoraLinear):
-                module.__class__ = LoraLinear
-    if spec["framework"] == "ours_ungrouped":
-        for module in trainer.model.modules():
-            module.__dict__.pop("lora_siblings", None)
-
-    def autocast_forward(batch, num_items):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return forward_loss(batch, num_items)
-
-    def timed_step(micro):
-        stats = train_step(micro)
-        recorder.add_micro(stats["tokens"], int(stats["supervised_tokens"]))
-        return stats
-
-    def logged(row):
-        log_metrics(row)
-        if "loss" in row:
+    class Timing(TrainerCallback):
+        def on_step_end(self, trainer, row, stats):
+            recorder.add_micro(stats["tokens"], int(stats["supervised_tokens"]))
             recorder.end_step(row["loss"])
 
-    trainer.train_step, trainer.log_metrics = timed_step, logged
-    if lora_compute == "autocast":
-        trainer.forward_loss = autocast_forward
+    cfg = RunConfig.from_dict({**spec["config"], **OURS_VARIANTS[spec["framework"]]})
+    records = read_sft_jsonl(spec["dataset"], "train")
+    trainer = build_trainer(cfg, workdir / "out", train_records=records, eval_records=[],
+                            sample_records=[], progress=False, callbacks=[Timing()])
+    info = matmul_params(trainer.acc.unwrap_model(trainer.model))
     order = trainer.epoch_order(0)[:spec["examples_used"]]
     used = [{"input_ids": trainer.data.train[i].input_ids, "labels": trainer.data.train[i].labels}
             for i in order]
@@ -487,7 +470,7 @@ def run_ours(spec: dict[str, Any], recorder: StepRecorder, workdir: Path) -> dic
     trainer.run()
     return {"model_info": info, "examples_digest": examples_digest(used),
             "settings": {"packing": cfg.data.packing, "lora_dropout": cfg.lora.lora_dropout,
-                         "lora_compute": lora_compute or "fp32 LoRA on bf16 base"}}
+                         "kernels": list(cfg.model.kernels)}}
 
 
 def _lora_config(cfg: dict[str, Any]):
@@ -538,7 +521,7 @@ def _recording_trainer(base, recorder: StepRecorder):
 
 
 def _peer_model(cfg: dict[str, Any]):
-    from llama_model import load_base_model, load_tokenizer
+    from llama_sft.model.loading import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg["base_model"])
     model = load_base_model(cfg["base_model"], dtype=cfg["dtype"])
@@ -788,8 +771,8 @@ class Benchmark:
                 "fp32": {**peaks["float32"], "load_1m": load["load_1m"]}}
 
     def prepare_model(self, name: str, tmp: Path) -> dict[str, Any]:
-        from llama_config import EMBEDDED_MODEL_ID
-        from llama_model import save_tiny_llama
+        from llama_sft.config.presets import EMBEDDED_MODEL_ID
+        from llama_sft.model.tiny import save_tiny_llama
 
         if name == "tiny":
             path = self.args.tiny_model_dir or str(save_tiny_llama(tmp / "tiny-model"))
@@ -974,8 +957,8 @@ def synthetic_examples(n: int, seq_len: int, vocab: int) -> list:
     """Random-token examples of ``seq_len`` tokens, the first half a masked prompt."""
     import torch
 
-    from llama_dataset import IGNORE_INDEX as IGNORE
-    from llama_dataset import Encoded
+    from llama_sft.data.tokenize import IGNORE_INDEX as IGNORE
+    from llama_sft.data.tokenize import Encoded
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -989,7 +972,7 @@ def synthetic_examples(n: int, seq_len: int, vocab: int) -> list:
 def gpu_benchmark(*, shape: str = "7b", seq_len: int = 2048, steps: int = 5, warmup: int = 1,
                   methods: Sequence[str] = ("lora", "qlora"), gradient_checkpointing: bool = True,
                   device: str = "cuda") -> dict[str, Any]:
-    """tokens/s and peak memory of llama_trainer's training step on a random ``shape`` LLaMA.
+    """tokens/s and peak memory of the Trainer's training step on a random ``shape`` LLaMA.
 
     ``device="cpu"`` with ``shape="tiny"`` runs the same code path where there is no GPU.
     """
@@ -1015,10 +998,11 @@ def _gpu_method(shape: str, seq_len: int, steps: int, warmup: int, method: str,
     import torch
     from accelerate import Accelerator
 
-    from llama_config import resolve_config
-    from llama_dataset import PromptFormat
-    from llama_model import attach_lora
-    from llama_trainer import TrainData, Trainer
+    from llama_sft.config.settings import resolve_config
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.model.lora import attach_lora
+    from llama_sft.train.examples import TrainData
+    from llama_sft.train.trainer import Trainer
 
     cuda = device == "cuda"
     if cuda:

@@ -6,7 +6,6 @@ session; every test that trains, evaluates or packages uses it so the suite runs
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,39 +24,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP's spinning threads make every op many times slower. Child processes inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-CATEGORIES = ("classification", "extraction", "qa")
-
-
-def make_records(n: int, split: str = "train", start: int = 0) -> list[dict]:
-    """Small deterministic SFT records in the prep stage's output schema."""
-    records = []
-    for i in range(start, start + n):
-        cat = CATEGORIES[i % len(CATEGORIES)]
-        if cat == "classification":
-            inst, ctx, resp = "Classify the sentiment as positive or negative.", \
-                f"Review {i}: the product {'works great' if i % 2 else 'broke fast'}.", \
-                "positive" if i % 2 else "negative"
-        elif cat == "extraction":
-            inst, ctx, resp = "Extract the order number as JSON.", \
-                f"Hello, my order #{1000 + i} has not arrived.", json.dumps({"order": 1000 + i})
-        else:
-            inst, ctx, resp = f"What is {i} plus {i}?", "", str(2 * i)
-        records.append({"id": f"ex-{i:05d}", "split": split, "category": cat,
-                        "instruction": inst, "context": ctx, "response": resp, "metadata": {}})
-    return records
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return path
-
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from llama_model import ensure_embedded_model
+    from llama_sft.model.embedded import ensure_embedded_model
 
     return ensure_embedded_model(verbose=False)
 
@@ -64,7 +35,7 @@ def embedded_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
     """A random-weight LlamaForCausalLM saved with the SmolLM2 tokenizer and chat template."""
-    from llama_model import save_tiny_llama
+    from llama_sft.model.tiny import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -75,10 +46,10 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from llama_config import resolve_config
-    from llama_dataset import PromptFormat
-    from llama_io import write_json, write_manifest
-    from llama_model import load_base_model, load_tokenizer
+    from llama_sft.config.settings import resolve_config
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.files import write_json, write_manifest
+    from llama_sft.model.loading import load_base_model, load_tokenizer
 
     out = tmp_path_factory.mktemp("adapter") / "final_model"
     out.mkdir()

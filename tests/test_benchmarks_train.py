@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_records, write_jsonl
+from helpers import ROOT, make_records, write_jsonl
 
 SPEC = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
 bench_train = importlib.util.module_from_spec(SPEC)

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-
-import llama_config
-from llama_config import PRESETS, ConfigError, get_preset, resolve_config
+from helpers import ROOT
+from llama_sft.config.hardware import environment_check, lora_parameter_count
+from llama_sft.config.presets import PRESETS, Preset, get_preset
+from llama_sft.config.settings import resolve_config
+from llama_sft.errors import ConfigError
 
 SCRIPTS = ["pipeline_sft_prep.py", "llama_config.py", "llama_pilot.py", "llama_train.py",
-           "llama_evaluate.py", "llama_package.py", "llama_chat.py", "llama_model.py",
+           "llama_evaluate.py", "llama_package.py", "llama_chat.py", "llama_dataset.py",
            "run_pipeline.py"]
 
 
@@ -73,7 +74,7 @@ def test_lora_parameter_count_matches_peft(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     c = model.config
-    preset = llama_config.Preset(
+    preset = Preset(
         name="tiny", base_model="x", params=1, min_gpu_memory_gb=0, recommended_gpu="", lora_r=4,
         lora_alpha=8, lora_dropout=0, batch_size=1, gradient_accumulation_steps=1,
         learning_rate=1e-3, num_epochs=1, max_length=64, gradient_checkpointing=False,
@@ -83,15 +84,23 @@ def test_lora_parameter_count_matches_peft(tiny_model_dir):
     targets = preset.lora_target_modules
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=list(targets)))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert llama_config.lora_parameter_count(preset, 4, targets) == trainable
+    assert lora_parameter_count(preset, 4, targets) == trainable
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_exits_zero_and_fast(script):
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+    """--help works and imports no torch (what makes it slow): the check runs as the process
+    exits, after argparse has printed the help."""
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else "
+            "'no torch'))\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+    assert out.stdout.rstrip().endswith("no torch")
 
 
 def test_table_json_and_readme_agree():
@@ -120,6 +129,6 @@ def test_check_passes_for_embedded_and_refuses_7b_without_gpu(embedded_dir):
 def test_check_never_prints_the_token(monkeypatch):
     secret = "hf_" + "x" * 34
     monkeypatch.setenv("HF_TOKEN", secret)
-    rows, _ = llama_config.environment_check("135m")
+    rows, _ = environment_check("135m")
     assert secret not in json.dumps(rows)
     assert dict((r[0], r[1]) for r in rows)["hf auth"] == "configured (environment)"

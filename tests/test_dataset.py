@@ -10,12 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_records, write_jsonl
-from llama_dataset import (IGNORE_INDEX, Encoded, PromptFormat, assemble_example,
-                           count_tokens_batch, encode_batch, encode_example, encode_records,
-                           example_lengths, pack_collate, pad_collate, read_sft_jsonl,
-                           token_stats)
-from llama_io import DataError, UsageError
+from helpers import make_records, write_jsonl
+from llama_sft.data.collate import pack_collate, pad_collate
+from llama_sft.data.prompt_format import PromptFormat
+from llama_sft.data.records import read_sft_jsonl
+from llama_sft.data.tokenize import (IGNORE_INDEX, Encoded, assemble_example, count_tokens_batch,
+                                     encode_batch, encode_example, encode_records, example_lengths,
+                                     token_stats)
+from llama_sft.errors import DataError, UsageError
 
 PROPERTY = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -28,7 +30,7 @@ NONEMPTY = TEXT.filter(lambda s: s.strip() != "")
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
-    from llama_model import load_tokenizer
+    from llama_sft.model.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -93,7 +95,7 @@ def test_chat_template_that_edits_the_message_is_rendered_in_full(tok, content):
 
 
 def test_batch_encoding_matches_the_tokenizer_call(tok, formats):
-    from llama_dataset import tokenize_batch
+    from llama_sft.data.tokenize import tokenize_batch
 
     records = make_records(12)
     for fmt in formats.values():
@@ -226,7 +228,7 @@ def test_pad_and_pack_collate_layout():
 def test_packed_logits_equal_unpacked(tiny_model_dir, tok, formats):
     import torch
 
-    from llama_model import load_base_model
+    from llama_sft.model.loading import load_base_model
 
     model = load_base_model(str(tiny_model_dir), dtype="float32").eval()
     fmt = formats["chat_template"]

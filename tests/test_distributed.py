@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_records, write_jsonl
+from helpers import ROOT, make_records, write_jsonl
 
 CONFIGS = ROOT / "configs" / "accelerate"
 COMMON = ("--report-to", "none", "--no-progress", "--dtype", "float32", "--max-steps", "4",
@@ -216,8 +216,8 @@ def test_unsupported_engines_are_refused_before_loading(kind, fsdp2, message):
 
     from accelerate.utils import DistributedType
 
-    from llama_io import UsageError
-    from llama_trainer import check_distributed_setup
+    from llama_sft.errors import UsageError
+    from llama_sft.train.distributed import check_distributed_setup
 
     fake = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2,
                            num_processes=2)
@@ -232,8 +232,8 @@ def test_deepspeed_settings_that_contradict_the_run_are_refused():
     """The engine's accumulation and clipping come from the run config; a yaml or DeepSpeed JSON
     that says otherwise, another ZeRO stage, 4-bit weights or a config-file optimizer stop the
     launch before the model is loaded, all problems in one message."""
-    from llama_config import resolve_config
-    from llama_trainer import deepspeed_config_problems, deepspeed_env_problems
+    from llama_sft.config.settings import resolve_config
+    from llama_sft.train.distributed import deepspeed_config_problems, deepspeed_env_problems
 
     cfg = resolve_config(model_size="135m", overrides={"gradient_accumulation_steps": 2})
     assert deepspeed_env_problems(cfg, {}) == []
@@ -352,7 +352,7 @@ def zero3_run(tiny_model_dir, data, tmp_path_factory):
 def test_zero3_two_processes_match_one_process(reference, zero3_run):
     """ZeRO-3 (partitioned parameters, engine-owned accumulation, clipping and AdamW step)
     against 1 process: same losses, eval losses, checkpoint and adapter as FSDP and DDP."""
-    from llama_model import load_for_inference
+    from llama_sft.model.loading import load_for_inference
 
     out, log = zero3_run
     sharded = re.search(r"distributed: DEEPSPEED over 2 processes \(gloo\); (\d+)/(\d+) "
@@ -399,6 +399,7 @@ def _enable_fsdp_on_cpu() -> None:
 
 
 if __name__ == "__main__":      # a worker process started by launch()
+    sys.path.insert(0, str(ROOT))
     _enable_fsdp_on_cpu()
     import llama_train
     sys.exit(llama_train.main(sys.argv[1:]))

@@ -7,9 +7,10 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
-
-import llama_model
+from helpers import ROOT
+from llama_sft.config.presets import embedded_model_dir
+from llama_sft.model.embedded import (EMBEDDED_GGUF, HASHES_FILE, embedded_model_status,
+                                      resolve_model_path)
 
 
 def test_plain_transformers_load_offline_and_answer(embedded_dir):
@@ -40,30 +41,30 @@ print(sum(p.numel() for p in model.parameters()))
 def test_materialization_is_verified_and_rebuilt_when_damaged(tmp_path, monkeypatch, embedded_dir):
     """A copy with a changed file is detected; a killed conversion leaves no trusted directory."""
     monkeypatch.setenv("LLAMA_SFT_CACHE", str(tmp_path))
-    target = llama_model.embedded_model_dir()
-    assert llama_model.embedded_model_status() == "not materialized"
+    target = embedded_model_dir()
+    assert embedded_model_status() == "not materialized"
     target.parent.mkdir(parents=True)
     # a half-written temporary directory (as a killed conversion leaves) is not trusted
     (target.parent / f".{target.name}.tmp-123").mkdir()
-    assert llama_model.embedded_model_status() == "not materialized"
+    assert embedded_model_status() == "not materialized"
     shutil.copytree(embedded_dir, target)
-    assert llama_model.embedded_model_status().startswith("ready")
+    assert embedded_model_status().startswith("ready")
     with open(target / "config.json", "a") as fh:
         fh.write(" ")
-    assert llama_model.embedded_model_status() == "damaged (config.json changed)"
-    (target / llama_model.HASHES_FILE).unlink()
-    assert llama_model.embedded_model_status() == "damaged (no hash list)"
+    assert embedded_model_status() == "damaged (config.json changed)"
+    (target / HASHES_FILE).unlink()
+    assert embedded_model_status() == "damaged (no hash list)"
 
 
 def test_embedded_path_command_prints_the_directory(embedded_dir):
-    out = subprocess.run([sys.executable, "llama_model.py", "--embedded-path"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "llama_sft.model.embedded"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert out.stdout.strip() == str(embedded_dir)
-    hashes = json.loads((embedded_dir / llama_model.HASHES_FILE).read_text())
-    assert hashes["source"] == llama_model.EMBEDDED_GGUF and "model.safetensors" in hashes["files"]
+    hashes = json.loads((embedded_dir / HASHES_FILE).read_text())
+    assert hashes["source"] == EMBEDDED_GGUF and "model.safetensors" in hashes["files"]
 
 
 def test_resolve_model_path_maps_only_the_embedded_id(embedded_dir):
-    assert llama_model.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == str(embedded_dir)
-    assert llama_model.resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == str(embedded_dir)
+    assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"

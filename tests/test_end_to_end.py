@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
 import llama_evaluate
 import llama_package
 import llama_pilot
 import llama_train
 import pipeline_sft_prep
-from llama_io import sha256_file
+from helpers import ROOT
+from llama_sft.files import sha256_file
 
 
 @pytest.fixture(scope="module")

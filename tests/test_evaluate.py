@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_records, write_jsonl
-
-import llama_evaluate
-from llama_evaluate import check_gates, main, parse_gates
+import llama_package
+from helpers import ROOT, make_records, write_jsonl
+from llama_evaluate import main
+from llama_sft.adapter.source import open_adapter
+from llama_sft.evaluate.gates import check_gates, parse_gates
 
 FAST = ["--max-new-tokens", "6", "--batch-size", "3", "--dtype", "float32"]
 
@@ -72,7 +73,7 @@ def test_report_files_and_keys(compare_run, golden, tiny_adapter_dir, tiny_model
     data = report["data"]
     assert data["evaluated"] == 5 and data["records_matching"] == 7
     assert data["categories"] == {"classification": 2, "extraction": 2, "qa": 1}
-    from llama_io import sha256_file
+    from llama_sft.files import sha256_file
     assert data["sha256"] == sha256_file(golden)
     model = report["model"]
     assert model["adapter_weights_sha256"] == sha256_file(
@@ -127,8 +128,9 @@ def test_loss_matches_transformers_loss(compare_run, tiny_adapter_dir):
     """The per-example teacher-forced loss equals the model's own mean loss on that example."""
     import torch
 
-    from llama_dataset import encode_example, pad_collate
-    from llama_model import load_for_inference
+    from llama_sft.data.collate import pad_collate
+    from llama_sft.data.tokenize import encode_example
+    from llama_sft.model.loading import load_for_inference
 
     report = compare_run[4]
     sample = report["samples"][1]
@@ -243,7 +245,7 @@ def test_all_flag_problems_reported_at_once(tmp_path, capsys):
 
 
 def test_changed_dataset_is_exit_65(tmp_path, tiny_adapter_dir, capsys):
-    from llama_io import write_manifest
+    from llama_sft.files import write_manifest
 
     data = write_jsonl(tmp_path / "sft" / "golden_set.jsonl", make_records(2, "golden"))
     write_manifest(data.parent, stage="prep")
@@ -289,13 +291,12 @@ def test_users_command_shape_with_4bit(tmp_path, tiny_adapter_dir, tiny_model_di
 
 
 def test_package_archive_as_adapter_path(tmp_path, tiny_adapter_dir, golden):
-    package = pytest.importorskip("llama_package", reason="llama_package.py not written yet")
-    archive = package_archive(package, tiny_adapter_dir, tmp_path)
+    archive = package_archive(llama_package, tiny_adapter_dir, tmp_path)
     rc, _, _ = run_main(["--adapter-path", archive, "--dataset", golden,
                          "--output", tmp_path / "r.json", "--num-samples", 2, *FAST])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    from llama_io import sha256_file
+    from llama_sft.files import sha256_file
     assert report["model"]["package_sha256"] == sha256_file(archive)
     assert report["model"]["adapter_path"] == str(archive)
 
@@ -310,9 +311,11 @@ def package_archive(package, adapter_dir, tmp_path):
     return archives[0]
 
 
-def test_adapter_source_passes_directories_through(tiny_adapter_dir):
-    with llama_evaluate.adapter_source(tiny_adapter_dir) as path:
-        assert path == tiny_adapter_dir
+def test_open_adapter_reads_a_directory_in_place(tiny_adapter_dir):
+    with open_adapter(tiny_adapter_dir) as adapter:
+        assert adapter.path == tiny_adapter_dir
+        assert adapter.training_config["lora_r"] == 4
+        assert adapter.manifest["stage"] == "train"
 
 
 def test_bench_generation_smoke(tmp_path, tiny_model_dir):

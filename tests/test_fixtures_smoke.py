@@ -1,4 +1,5 @@
-from llama_model import load_base_model, load_tokenizer
+
+from llama_sft.model.loading import load_base_model, load_tokenizer
 
 
 def test_tiny_model_loads(tiny_model_dir):
@@ -9,7 +10,7 @@ def test_tiny_model_loads(tiny_model_dir):
 
 
 def test_tiny_adapter_loads(tiny_adapter_dir):
-    from llama_model import load_for_inference
+    from llama_sft.model.loading import load_for_inference
 
     loaded = load_for_inference(tiny_adapter_dir, dtype="float32")
     assert loaded.prompt_format.style == "chat_template"

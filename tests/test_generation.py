@@ -1,12 +1,13 @@
-"""llama_model generation: continuous greedy batching gives generate()'s ids for every prompt."""
+"""Generation: continuous greedy batching gives generate()'s ids for every prompt."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import llama_model
-from llama_model import (generate_batch, generate_many, greedy_continuous,
-                         growing_cache_layer_class, load_base_model, load_tokenizer)
+from llama_sft.model.generation.batch import generate_batch, generate_many
+from llama_sft.model.generation.cache import growing_cache_layer_class
+from llama_sft.model.generation.continuous import greedy_continuous
+from llama_sft.model.loading import load_base_model, load_tokenizer
 
 
 def left_padded(prompts, pad):
@@ -84,15 +85,15 @@ def test_rows_leave_at_eos_and_keep_generate_ids(chatty):
 
 
 @pytest.mark.parametrize("batch_size,prefill_tokens", [(3, 2048), (2, 2048), (5, 12)])
-def test_waiting_prompts_join_the_running_batch(chatty, monkeypatch, batch_size, prefill_tokens):
+def test_waiting_prompts_join_the_running_batch(chatty, batch_size, prefill_tokens):
     """Rows that join a running batch (left-padded into its cache, finished rows' places
     refilled, dead cache columns dropped) get the ids each prompt gets alone."""
     model, prompts = chatty
-    monkeypatch.setattr(llama_model, "PREFILL_TOKENS", prefill_tokens)
     eos = shared_eos(alone(model, prompts, 20, eos=-1, pad=0))
     want = alone(model, prompts, 20, eos, 0)
     got, prefills = greedy_continuous(model, prompts, max_new_tokens=20, eos_id=eos, pad_id=0,
-                                      batch_size=batch_size, count_prefills=True)
+                                      batch_size=batch_size, count_prefills=True,
+                                      prefill_tokens=prefill_tokens)
     assert got == want
     assert sum(eos in row for row in got) >= 2          # rows really left before the limit
     assert prefills >= -(-len(prompts) // batch_size)   # later prompts joined in later calls
@@ -133,7 +134,7 @@ def test_growing_cache_layer_matches_concatenation():
 
 
 def test_generate_many_on_the_embedded_model_matches_generate(embedded_dir):
-    from llama_dataset import PromptFormat
+    from llama_sft.data.prompt_format import PromptFormat
 
     tok = load_tokenizer(str(embedded_dir))
     model = load_base_model(str(embedded_dir), dtype="float32").eval()

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_metrics import (corpus_bleu, corpus_chrf, exact_match, exact_match_strict, json_scores,
-                           normalize_answer, rouge_l, score_example, sentence_bleu,
-                           summarize_generations, token_f1)
+from llama_sft.evaluate.metrics import (corpus_bleu, corpus_chrf, exact_match, exact_match_strict,
+                                        json_scores, normalize_answer, rouge_l, score_example,
+                                        sentence_bleu, summarize_generations, token_f1)
 
 
 def test_normalize_answer():

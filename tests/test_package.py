@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 import llama_package as lp
-from llama_io import EXIT_DATA, EXIT_USAGE, DataError, read_json, write_manifest
+import llama_sft.adapter.archive
+import llama_sft.package.hub
+from llama_sft.adapter.archive import extract_package, verify_package
+from llama_sft.errors import EXIT_DATA, EXIT_USAGE, DataError
+from llama_sft.files import read_json, sha256_file, write_manifest
+from llama_sft.package.build import build_package
+from llama_sft.package.contents import find_secret
+from llama_sft.package.metadata import _epoch, evaluation_table, summarize_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = "llama-sft-135m-0.1.0"
@@ -27,7 +34,7 @@ HF_TOKEN_VALUE = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
 @pytest.fixture(scope="module")
 def package(tiny_adapter_dir, tmp_path_factory) -> Path:
     """One package of the adapter fixture, built once for the read-only tests."""
-    return lp.build_package(tiny_adapter_dir, tmp_path_factory.mktemp("packages"))
+    return build_package(tiny_adapter_dir, tmp_path_factory.mktemp("packages"))
 
 
 def archive_members(archive: Path) -> dict[str, bytes]:
@@ -126,7 +133,7 @@ def test_main_packages_verifies_and_extracts(tiny_adapter_dir, tiny_model_dir, t
     assert manifest["stage"] == "package"
     assert set(manifest["files"]) == {ARCHIVE, f"{ARCHIVE}.sha256"}
     assert manifest["package"]["archive"] == ARCHIVE
-    assert manifest["package"]["sha256"] == lp.sha256_file(archive)
+    assert manifest["package"]["sha256"] == sha256_file(archive)
     assert manifest["config"]["base_model"] == str(tiny_model_dir)
 
     assert lp.main(["--verify", str(archive)]) == 0
@@ -141,7 +148,7 @@ def test_main_packages_verifies_and_extracts(tiny_adapter_dir, tiny_model_dir, t
 
 
 def test_archive_is_byte_identical_and_normalized(tiny_adapter_dir, package, tmp_path):
-    again = lp.build_package(tiny_adapter_dir, tmp_path / "again")
+    again = build_package(tiny_adapter_dir, tmp_path / "again")
     assert again.read_bytes() == package.read_bytes()
     raw = package.read_bytes()
     assert raw[:3] == b"\x1f\x8b\x08" and raw[3] == 0          # gzip, no FNAME flag
@@ -151,12 +158,12 @@ def test_archive_is_byte_identical_and_normalized(tiny_adapter_dir, package, tmp
         infos = tar.getmembers()
     assert [m.name for m in infos] == sorted(m.name for m in infos)
     assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in infos} == \
-        {(lp._epoch(created), 0o644, 0, 0, "", "")}
+        {(_epoch(created), 0o644, 0, 0, "", "")}
 
 
 def test_sidecar_works_with_sha256sum(package):
     sidecar = package.with_name(package.name + ".sha256")
-    assert sidecar.read_text() == f"{lp.sha256_file(package)}  {package.name}\n"
+    assert sidecar.read_text() == f"{sha256_file(package)}  {package.name}\n"
     done = subprocess.run(["sha256sum", "-c", sidecar.name], cwd=package.parent,
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"{package.name}: OK"
@@ -166,9 +173,9 @@ def test_extracted_adapter_loads_with_plain_peft_in_fresh_process(package, tiny_
                                                                   tiny_model_dir, tmp_path):
     import torch
 
-    from llama_model import load_for_inference
+    from llama_sft.model.loading import load_for_inference
 
-    extracted = lp.extract_package(package, tmp_path / "x")
+    extracted = extract_package(package, tmp_path / "x")
     loaded = load_for_inference(tiny_adapter_dir, dtype="float32")
     prompt = loaded.prompt_format.encode_prompt(loaded.tokenizer, "What is 2 plus 2?")
     with torch.inference_mode():
@@ -194,9 +201,9 @@ print(json.dumps(out[0].tolist()))
 
 
 def test_extracted_package_loads_through_model_module(package, tmp_path):
-    from llama_model import load_for_inference
+    from llama_sft.model.loading import load_for_inference
 
-    loaded = load_for_inference(lp.extract_package(package, tmp_path / "x"), dtype="float32")
+    loaded = load_for_inference(extract_package(package, tmp_path / "x"), dtype="float32")
     assert loaded.prompt_format.style == "chat_template"
     assert loaded.adapter_dir == tmp_path / "x" / FOLDER
 
@@ -232,8 +239,7 @@ def test_embedded_model_adapter_names_the_hub_id_not_the_cache_path(copy_dir, ti
                                                                      tmp_path, capsys):
     """An adapter trained on the embedded model records its local cache dir; the package
     names the hub id, and the user's command with a 7b base is refused in one line."""
-    from llama_config import EMBEDDED_MODEL_ID
-    from llama_model import embedded_model_dir
+    from llama_sft.config.presets import EMBEDDED_MODEL_ID, embedded_model_dir
 
     adapter = copy_dir(tiny_adapter_dir, "final_model")
     peft_cfg = read_json(adapter / "adapter_config.json")
@@ -253,7 +259,7 @@ def test_embedded_model_adapter_names_the_hub_id_not_the_cache_path(copy_dir, ti
     assert not (tmp_path / "refused").exists()
 
     for base in (EMBEDDED_MODEL_ID, str(embedded_model_dir())):
-        archive = lp.build_package(adapter, tmp_path / "out", base_model=base, model_size="135m")
+        archive = build_package(adapter, tmp_path / "out", base_model=base, model_size="135m")
         members = archive_members(archive)
         assert json.loads(members[f"{FOLDER}/adapter_config.json"])[
             "base_model_name_or_path"] == EMBEDDED_MODEL_ID
@@ -291,7 +297,7 @@ def test_evaluation_and_data_hashes_go_into_metadata_and_readme(copy_dir, tiny_a
     adapter = copy_dir(tiny_adapter_dir, "final_model")
     dataset = tmp_path / "sft_dataset.jsonl"
     dataset.write_text('{"instruction": "a", "response": "b"}\n')
-    from llama_io import describe_inputs
+    from llama_sft.files import describe_inputs
     rewrite_manifest(adapter, inputs=describe_inputs({"dataset": dataset}))
     report = tmp_path / "final_evaluation.json"
     report.write_text(json.dumps({  # the llama_evaluate.py schema, abridged
@@ -304,14 +310,14 @@ def test_evaluation_and_data_hashes_go_into_metadata_and_readme(copy_dir, tiny_a
         "base": {"overall": {"examples": 8, "exact_match": 0.25, "rouge_l": 0.125}},
         "delta": {"overall": {"examples": 0, "exact_match": 0.5, "rouge_l": 0.375}},
         "gates": {"passed": True, "checks": []}, "samples": [{"prompt": "x"}]}))
-    archive = lp.build_package(adapter, tmp_path / "out", name="bot", version="2.0",
+    archive = build_package(adapter, tmp_path / "out", name="bot", version="2.0",
                                evaluation=report)
     members = archive_members(archive)
     assert members["bot-2.0/evaluation.json"] == report.read_bytes()
     meta = json.loads(members["bot-2.0/metadata.json"])
     assert meta["data"] == {"dataset": {"file": "sft_dataset.jsonl",
                                         "bytes": dataset.stat().st_size,
-                                        "sha256": lp.sha256_file(dataset)}}
+                                        "sha256": sha256_file(dataset)}}
     assert meta["evaluation"] == {
         "finetuned": {"examples": 8, "exact_match": 0.75, "rouge_l": 0.5},
         "base": {"examples": 8, "exact_match": 0.25, "rouge_l": 0.125},
@@ -323,7 +329,7 @@ def test_evaluation_and_data_hashes_go_into_metadata_and_readme(copy_dir, tiny_a
     assert "| exact_match | 0.7500 | 0.2500 | 0.5000 |" in readme
     assert "python3 llama_chat.py --adapter-path bot-2.0.tar.gz" in readme
     assert read_json(tmp_path / "out" / "manifest.json")["inputs"]["evaluation"]["sha256"] == \
-        lp.sha256_file(report)
+        sha256_file(report)
 
 
 def test_harmless_unknown_files_are_skipped_with_a_log_line(copy_dir, tiny_adapter_dir,
@@ -333,7 +339,7 @@ def test_harmless_unknown_files_are_skipped_with_a_log_line(copy_dir, tiny_adapt
     (adapter / "inside.json").symlink_to("prompt_format.json")
     rewrite_manifest(adapter)
     with caplog.at_level("INFO", logger="llama_package"):
-        archive = lp.build_package(adapter, tmp_path / "out")
+        archive = build_package(adapter, tmp_path / "out")
     assert "skipping notes.txt (not in the package allowlist)" in caplog.text
     assert "skipping inside.json (not in the package allowlist)" in caplog.text
     names = {n.split("/", 1)[1] for n in archive_members(archive)}
@@ -345,17 +351,17 @@ def test_a_package_repackages_to_the_same_bytes(copy_dir, tiny_adapter_dir, tmp_
     adapter = copy_dir(tiny_adapter_dir, "final_model")
     (adapter / "metrics_summary.json").write_text('{"steps": 80, "best_eval_loss": 1.5}')
     rewrite_manifest(adapter)
-    package = lp.build_package(adapter, tmp_path / "first")
+    package = build_package(adapter, tmp_path / "first")
     meta = json.loads(archive_members(package)[f"{FOLDER}/metadata.json"])
     assert meta["training_metrics"] == {"steps": 80, "best_eval_loss": 1.5}
-    again = lp.build_package(package, tmp_path / "out")
+    again = build_package(package, tmp_path / "out")
     assert again.read_bytes() == package.read_bytes()
     assert read_json(tmp_path / "out" / "manifest.json")["inputs"]["adapter"]["sha256"] == \
-        lp.sha256_file(package)
-    extracted = lp.extract_package(package, tmp_path / "x")
+        sha256_file(package)
+    extracted = extract_package(package, tmp_path / "x")
     (extracted / "prompt_format.json").write_text('{"style": "instruction"}\n')
     with pytest.raises(DataError, match="prompt_format.json does not match SHA256SUMS"):
-        lp.build_package(extracted, tmp_path / "out2")
+        build_package(extracted, tmp_path / "out2")
 
 
 def test_changed_adapter_file_fails_against_its_manifest(copy_dir, tiny_adapter_dir, tmp_path,
@@ -437,7 +443,7 @@ def test_all_dangerous_files_are_reported_at_once(copy_dir, tiny_adapter_dir, tm
     _training_args(adapter)
     _dotenv(adapter)
     with pytest.raises(DataError, match=r"\.env: secrets file; training_args\.bin"):
-        lp.build_package(adapter, tmp_path / "out")
+        build_package(adapter, tmp_path / "out")
 
 
 @pytest.mark.parametrize("secret, kind", [
@@ -465,13 +471,13 @@ def test_token_in_evaluation_report_fails(tiny_adapter_dir, tmp_path, monkeypatc
     report.write_text(json.dumps({"exact_match": 1.0, "note": "live token here"}))
     monkeypatch.setenv("WANDB_API_KEY", "live token here")
     with pytest.raises(DataError, match="evaluation.json: the value of a token environment"):
-        lp.build_package(tiny_adapter_dir, tmp_path / "out", evaluation=report)
+        build_package(tiny_adapter_dir, tmp_path / "out", evaluation=report)
 
 
 def test_git_commit_hashes_are_not_mistaken_for_keys(tmp_path):
     plain = tmp_path / "metadata.json"
     plain.write_text(json.dumps({"pipeline_git_commit": "a" * 40, "sha256": "b" * 64}))
-    assert lp.find_secret(plain) is None
+    assert find_secret(plain) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +575,7 @@ def test_hostile_archive_is_refused_and_extraction_leaves_nothing(package, tmp_p
                                                                   make):
     archive, caps, expected = make(package, tmp_path / "hostile.tar.gz")
     with pytest.raises(DataError) as excinfo:
-        lp.verify_package(archive, **caps)
+        verify_package(archive, **caps)
     assert expected in str(excinfo.value)
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in caps.items()]
@@ -586,15 +592,15 @@ def test_hostile_archive_is_refused_and_extraction_leaves_nothing(package, tmp_p
 def test_failure_during_extraction_leaves_nothing(package, tmp_path, monkeypatch):
     dest = tmp_path / "existing"
     dest.mkdir()
-    monkeypatch.setattr(lp, "sha256_file", lambda path: "0" * 64)
-    monkeypatch.setattr(lp, "_check_sidecar", lambda archive: "0" * 64)
+    monkeypatch.setattr(llama_sft.adapter.archive, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setattr(llama_sft.adapter.archive, "_check_sidecar", lambda archive: "0" * 64)
     with pytest.raises(DataError, match="changed while it was being extracted"):
-        lp.extract_package(package, dest)
+        extract_package(package, dest)
     assert list(dest.iterdir()) == []
 
 
 def test_extract_refuses_to_overwrite_unless_asked(package, tmp_path, capsys):
-    first = lp.extract_package(package, tmp_path)
+    first = extract_package(package, tmp_path)
     (first / "stray.txt").write_text("x")
     assert lp.main(["--extract", str(package), "--to", str(tmp_path)]) == EXIT_USAGE
     assert "already exists" in one_line_error(capsys)
@@ -604,11 +610,11 @@ def test_extract_refuses_to_overwrite_unless_asked(package, tmp_path, capsys):
 
 
 def test_verify_reports_contents(package):
-    info = lp.verify_package(package)
+    info = verify_package(package)
     assert info["folder"] == FOLDER and info["name"] == "llama-sft-135m"
     assert set(info["files"]) == PACKAGE_FILES
     assert info["members"] == len(PACKAGE_FILES)
-    assert info["sha256"] == lp.sha256_file(package)
+    assert info["sha256"] == sha256_file(package)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +635,8 @@ def test_merge_writes_a_plain_model_with_the_same_greedy_outputs(tiny_adapter_di
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from llama_model import generate_batch, load_for_inference
+    from llama_sft.model.generation.batch import generate_batch
+    from llama_sft.model.loading import load_for_inference
 
     merged_dir = merged_package / f"{FOLDER}-merged"
     assert {p.name for p in merged_package.iterdir()} == {
@@ -681,12 +688,12 @@ def test_gguf_loads_back_with_transformers_and_matches_the_merged_logits(merged_
 
 
 def test_summarize_evaluation_reads_flat_reports_too():
-    summary = lp.summarize_evaluation({"exact_match": 0.5, "bleu": 12.0, "ok": True})
+    summary = summarize_evaluation({"exact_match": 0.5, "bleu": 12.0, "ok": True})
     assert summary["finetuned"] == {"exact_match": 0.5, "bleu": 12.0}
     assert summary["base"] is None and summary["delta"] is None
-    assert "| bleu | 12.0000 |  |  |" in lp.evaluation_table(summary)
+    assert "| bleu | 12.0000 |  |  |" in evaluation_table(summary)
     with pytest.raises(DataError):
-        lp.summarize_evaluation([1, 2])
+        summarize_evaluation([1, 2])
 
 
 class FakeHub:
@@ -708,7 +715,7 @@ def test_push_to_hub_uploads_through_the_client_and_never_prints_the_token(
         tiny_adapter_dir, tmp_path, monkeypatch, capsys, caplog):
     fake = FakeHub()
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN_VALUE)
-    monkeypatch.setattr(lp, "_default_hub_api", lambda: fake)
+    monkeypatch.setattr(llama_sft.package.hub, "_default_hub_api", lambda: fake)
     out_dir = tmp_path / "out"
     with caplog.at_level("INFO"):
         assert lp.main(["--adapter-path", str(tiny_adapter_dir), "--output-dir", str(out_dir),

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import make_records, write_jsonl
-
-import llama_dataset
 import llama_pilot
+import llama_sft.data.tokenize
+from helpers import make_records, write_jsonl
+from llama_sft.data.tokenize import IGNORE_INDEX, encode_example
+from llama_sft.pilot.resources import _fit
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,13 @@ def test_healthy_pilot_says_go(tiny_model_dir, golden, tmp_path, capsys):
 
 
 def test_eos_masked_out_fails_the_data_check(tiny_model_dir, golden, tmp_path, monkeypatch):
-    real = llama_dataset.encode_example
+    real = encode_example
 
     def drop_eos_label(tokenizer, fmt, record, max_length, policy="truncate"):
         enc = real(tokenizer, fmt, record, max_length, policy)
-        return replace(enc, labels=enc.labels[:-1] + [llama_dataset.IGNORE_INDEX])
+        return replace(enc, labels=enc.labels[:-1] + [IGNORE_INDEX])
 
-    monkeypatch.setattr(llama_dataset, "encode_example", drop_eos_label)
+    monkeypatch.setattr(llama_sft.data.tokenize, "encode_example", drop_eos_label)
     out = tmp_path / "pilot"
     assert llama_pilot.main(pilot_args(tiny_model_dir, golden, out, "--max-steps", "3")) == 1
     rep = report(out)
@@ -76,13 +77,13 @@ def test_zero_learning_rate_fails_the_learning_check(tiny_model_dir, golden, tmp
 
 def test_all_responses_masked_is_no_go_before_training(tiny_model_dir, golden, tmp_path,
                                                        monkeypatch):
-    real = llama_dataset.encode_example
+    real = encode_example
 
     def mask_everything(tokenizer, fmt, record, max_length, policy="truncate"):
         enc = real(tokenizer, fmt, record, max_length, policy)
-        return replace(enc, labels=[llama_dataset.IGNORE_INDEX] * len(enc.labels))
+        return replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))
 
-    monkeypatch.setattr(llama_dataset, "encode_example", mask_everything)
+    monkeypatch.setattr(llama_sft.data.tokenize, "encode_example", mask_everything)
     out = tmp_path / "pilot"
     assert llama_pilot.main(pilot_args(tiny_model_dir, golden, out)) == 1
     rep = report(out)
@@ -92,9 +93,9 @@ def test_all_responses_masked_is_no_go_before_training(tiny_model_dir, golden, t
 
 
 def test_memory_fit_suggests_a_setup_that_fits():
-    from llama_config import PRESETS
+    from llama_sft.config.presets import PRESETS
 
-    fit = llama_pilot._fit(PRESETS["13b"], budget_gb=12.0)
+    fit = _fit(PRESETS["13b"], budget_gb=12.0)
     assert not fit["fits"]
     assert fit["suggestion"]["quantization"] == "4bit" and fit["suggestion"]["estimate_gb"] <= 12
     assert fit["suggestion"]["batch_size"] * fit["suggestion"]["gradient_accumulation_steps"] == 16

@@ -16,19 +16,32 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "data"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import make_demo_data as demo  # noqa: E402
 import pipeline_sft_prep as prep  # noqa: E402
-from llama_config import FIELD_SECTION, get_preset, resolve_config  # noqa: E402
-from llama_io import EXIT_DATA, EXIT_OK, EXIT_USAGE, verify_manifest  # noqa: E402
+from llama_sft.config.presets import get_preset
+from llama_sft.config.settings import FIELD_SECTION, resolve_config
+from llama_sft.errors import EXIT_DATA, EXIT_OK, EXIT_USAGE
+from llama_sft.files import describe_inputs, verify_manifest
+from llama_sft.prep.contamination import SharedGrams, _most_shared_eval
+from llama_sft.prep.intake import Intake
+from llama_sft.prep.minhash import (NUM_PERM, MinHashBands, MinHasher, SignatureStore, best_match,
+                                    shingle_hash, shingles)
+from llama_sft.prep.normalize import clean_text
+from llama_sft.prep.options import OUTPUT_FILES, PrepConfig, parse_field_map
+from llama_sft.prep.pii import may_hold_pii, scrub_pii
+from llama_sft.prep.report import RejectLog
+from llama_sft.prep.splits import assign_splits
+from llama_sft.prep.training_config import derive_training_config
+from llama_sft.prep.workers import gc_paused
 
 SCHEMA_KEYS = ["id", "split", "category", "instruction", "context", "response", "metadata"]
 
@@ -54,11 +67,10 @@ def write_lines(path: Path, lines: list) -> Path:
 
 
 def read_phase(tmp_path: Path, lines: list, name: str = "in.jsonl", **options):
-    """Run only the streaming phase (no tokenizer); returns (Prep, rejects)."""
+    """Run only the streaming phase (no tokenizer); returns (Intake, rejects)."""
     path = write_lines(tmp_path / name, lines) if lines is not None else tmp_path / name
     buf = io.StringIO()
-    run = prep.Prep(prep.PrepConfig(enriched=(str(path),), **options), prep.RejectLog(buf),
-                    progress=False)
+    run = Intake(PrepConfig(enriched=(str(path),), **options), RejectLog(buf), progress=False)
     run.read()
     return run, [json.loads(line) for line in buf.getvalue().splitlines()]
 
@@ -260,7 +272,7 @@ def test_field_map_overrides_detection(tmp_path):
         "instruction": "question", "context": "passage", "response": "answer", "id": "uid",
         "category": "task", "quality": "rating"}, min_quality=0.5)
     assert [r["reason"] for r in rejects] == ["low_quality"]
-    run, rejects = read_phase(tmp_path, lines, field_map=prep.parse_field_map(
+    run, rejects = read_phase(tmp_path, lines, field_map=parse_field_map(
         ["instruction=question,context=passage", "response=answer", "id=uid", "category=task"]))
     rec = run.kept[0].record
     assert (rec["id"], rec["category"], rec["instruction"], rec["context"], rec["response"]) == \
@@ -282,9 +294,9 @@ def test_json_array_csv_and_gzip_inputs(tmp_path):
     raw = (tmp_path / "rows.csv").read_bytes() + b"latin,x,Say caf\xe9,,hi,0.5\r\nonly,two\r\n"
     (tmp_path / "rows.csv").write_bytes(raw)
     buf = io.StringIO()
-    cfg = prep.PrepConfig(enriched=(str(tmp_path / "arr.json"), str(tmp_path / "more.jsonl.gz"),
+    cfg = PrepConfig(enriched=(str(tmp_path / "arr.json"), str(tmp_path / "more.jsonl.gz"),
                                     str(tmp_path / "rows.csv")))
-    run = prep.Prep(cfg, prep.RejectLog(buf), progress=False)
+    run = Intake(cfg, RejectLog(buf), progress=False)
     run.read()
     rejects = [json.loads(line) for line in buf.getvalue().splitlines()]
     assert [k.record["id"] for k in run.kept] == [r["id"] for r in recs]
@@ -310,11 +322,11 @@ def test_json_file_with_wrong_top_level_type(tmp_path):
 # cleaning, PII, dedup
 
 def test_clean_text_normalizes_and_keeps_indentation():
-    text, changed = prep.clean_text("  Cafe\u0301\u00a0bar\u200b\x07\r\n  def f():\n"
+    text, changed = clean_text("  Cafe\u0301\u00a0bar\u200b\x07\r\n  def f():\n"
                                     "      return 1   \n\n\n\nend\t ")
     assert text == "Café bar\n  def f():\n      return 1\n\nend"
     assert changed == {"unicode_normalized", "control_chars_removed", "whitespace_fixed"}
-    assert prep.clean_text("plain text") == ("plain text", set())
+    assert clean_text("plain text") == ("plain text", set())
 
 
 @pytest.mark.parametrize("text,expected,kinds", [
@@ -334,7 +346,7 @@ def test_clean_text_normalizes_and_keeps_indentation():
      {}),
 ])
 def test_scrub_pii(text, expected, kinds):
-    out, counts = prep.scrub_pii(text)
+    out, counts = scrub_pii(text)
     assert out == expected and dict(counts) == kinds
 
 
@@ -347,29 +359,29 @@ _PII_PIECES = ["bob@corp.example", "@", ".org", "020 7946 0958", "555-0134", "(4
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(_PII_PIECES), max_size=8).map("".join), max_size=5))
 def test_may_hold_pii_is_false_only_when_scrubbing_changes_nothing(texts):
-    changed = any(prep.scrub_pii(t)[0] != t for t in texts)
-    assert prep.may_hold_pii(texts) or not changed
+    changed = any(scrub_pii(t)[0] != t for t in texts)
+    assert may_hold_pii(texts) or not changed
 
 
 def test_gc_paused_restores_the_collector_state():
     import gc
 
     assert gc.isenabled()
-    with prep.gc_paused():
+    with gc_paused():
         assert not gc.isenabled()
-        with prep.gc_paused():
+        with gc_paused():
             assert not gc.isenabled()
         assert not gc.isenabled()                 # the inner pause does not end the outer one
     assert gc.isenabled()
-    with pytest.raises(RuntimeError), prep.gc_paused():
+    with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError("a failed phase")
     assert gc.isenabled()
 
 
 def test_may_hold_pii_on_known_cases():
-    assert prep.may_hold_pii(["plain", "mail bob@corp.example"])
-    assert prep.may_hold_pii(["020 7946 0958"])               # a whole text is a number
-    assert not prep.may_hold_pii(["on 2021-03-05, v4.12.3", "order #48213", ""])
+    assert may_hold_pii(["plain", "mail bob@corp.example"])
+    assert may_hold_pii(["020 7946 0958"])               # a whole text is a number
+    assert not may_hold_pii(["on 2021-03-05, v4.12.3", "order #48213", ""])
 
 
 def test_pii_is_scrubbed_everywhere_and_counted(tmp_path):
@@ -389,10 +401,10 @@ def test_pii_is_scrubbed_everywhere_and_counted(tmp_path):
 def test_minhasher_matches_datasketch_minhash(text):
     from datasketch import MinHash
 
-    reference = MinHash(num_perm=prep.NUM_PERM, seed=1, scheme="affine32",
-                        hashfunc=prep.shingle_hash)
-    reference.update_batch(prep.shingles(text))
-    signature = prep.MinHasher()(text)
+    reference = MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32",
+                        hashfunc=shingle_hash)
+    reference.update_batch(shingles(text))
+    signature = MinHasher()(text)
     assert signature.dtype == reference.hashvalues.dtype
     assert (signature == reference.hashvalues).all()
 
@@ -404,10 +416,10 @@ def test_minhash_bands_find_what_datasketch_lsh_finds():
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "zeta"]
     base = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(30)]
     texts = base + [t[:-rng.randint(1, 30)] + " extra" for t in base]     # near copies
-    minhash = prep.MinHasher()
+    minhash = MinHasher()
     signatures = [minhash(t) for t in texts]
-    ours = prep.MinHashBands(0.8)
-    theirs = MinHashLSH(threshold=0.8, num_perm=prep.NUM_PERM)
+    ours = MinHashBands(0.8)
+    theirs = MinHashLSH(threshold=0.8, num_perm=NUM_PERM)
     for key, sig in enumerate(signatures):
         ours.insert(key, sig)
         theirs.insert(key, LeanMinHash(seed=1, hashvalues=sig, scheme="affine32"))
@@ -420,25 +432,25 @@ def test_minhash_bands_find_what_datasketch_lsh_finds():
 
 
 def test_best_match_prefers_the_highest_accepted_score():
-    store = prep.SignatureStore(num_perm=10)
+    store = SignatureStore(num_perm=10)
     sig = np.arange(10, dtype=np.uint32)
     for changed in (2, 0, 1):               # rows 0, 1, 2 agree on 0.8, 1.0, 0.9 of the values
         row = sig.copy()
         row[:changed] = 99
         store.append(row)
-    assert prep.best_match(sig, [0, 1, 2], store, 0.85) == (1, 1.0)
-    assert prep.best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k != 1) == (2, 0.9)
-    assert prep.best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k == 0) is None
-    assert prep.best_match(sig, [], store, 0.5) is None
+    assert best_match(sig, [0, 1, 2], store, 0.85) == (1, 1.0)
+    assert best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k != 1) == (2, 0.9)
+    assert best_match(sig, [0, 1, 2], store, 0.85, accept=lambda k: k == 0) is None
+    assert best_match(sig, [], store, 0.5) is None
 
 
 def test_best_match_prefilter_changes_no_result():
     rng = np.random.default_rng(0)
-    store = prep.SignatureStore()
-    base = rng.integers(0, 2**32, prep.NUM_PERM, dtype=np.uint32)
+    store = SignatureStore()
+    base = rng.integers(0, 2**32, NUM_PERM, dtype=np.uint32)
     for _ in range(400):                    # agreement with base from 0 to 100%
         row = base.copy()
-        changed = rng.random(prep.NUM_PERM) < rng.random()
+        changed = rng.random(NUM_PERM) < rng.random()
         row[changed] = rng.integers(0, 2**32, changed.sum(), dtype=np.uint32)
         store.append(row)
     full = (store[np.arange(400)] == base).mean(axis=1)
@@ -446,18 +458,18 @@ def test_best_match_prefilter_changes_no_result():
         for accept in (None, lambda k: k % 3 == 0):
             ok = [k for k in range(400) if full[k] >= threshold and (accept is None or accept(k))]
             want = max(ok, key=lambda k: (full[k], -k)) if ok else None
-            got = prep.best_match(base, list(range(400)), store, threshold, accept)
+            got = best_match(base, list(range(400)), store, threshold, accept)
             assert (got and got[0]) == want and (got is None or got[1] == full[want])
     # the bound is tight: a row whose 12 disagreements all sit in the compared half still passes
     tight = base.copy()
     tight[:12] += 1
     row = store.append(tight)
     below = [k for k in range(400) if full[k] < 0.9]
-    assert prep.best_match(base, below + [row], store, 0.9) == (row, 116 / 128)
+    assert best_match(base, below + [row], store, 0.9) == (row, 116 / 128)
 
 
 def test_signature_store_grows_and_keeps_rows():
-    store = prep.SignatureStore(num_perm=4)
+    store = SignatureStore(num_perm=4)
     rows = [np.full(4, i, dtype=np.uint32) for i in range(2500)]     # past two doublings
     assert [store.append(r) for r in rows] == list(range(2500))
     assert (store[[0, 1024, 2499]] == np.array([[0] * 4, [1024] * 4, [2499] * 4])).all()
@@ -471,7 +483,7 @@ def test_worker_processes_write_the_same_outputs(tmp_path, monkeypatch):
         assert prep.main(["--enriched", "data/demo_enriched.jsonl", "--output-dir", str(out),
                           "--workers", str(workers)]) == 0
         outs.append(out)
-    for name in prep.OUTPUT_FILES:
+    for name in OUTPUT_FILES:
         if name != "manifest.json":
             assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
@@ -497,11 +509,11 @@ def test_exact_and_near_duplicates_are_removed_and_counted(tmp_path):
 def test_assign_splits_is_seeded_stratified_and_prefers_quality():
     items = [(cat, q / 100, q % 17 == 0) for cat, n in (("a", 300), ("b", 100), ("c", 50))
              for q in range(n)]
-    splits, info = prep.assign_splits(items, seed=1, val_fraction=0.1, test_fraction=0.1,
+    splits, info = assign_splits(items, seed=1, val_fraction=0.1, test_fraction=0.1,
                                       golden_size=45)
-    again, _ = prep.assign_splits(items, seed=1, val_fraction=0.1, test_fraction=0.1,
+    again, _ = assign_splits(items, seed=1, val_fraction=0.1, test_fraction=0.1,
                                   golden_size=45)
-    other, _ = prep.assign_splits(items, seed=2, val_fraction=0.1, test_fraction=0.1,
+    other, _ = assign_splits(items, seed=2, val_fraction=0.1, test_fraction=0.1,
                                   golden_size=45)
     assert splits == again and splits != other
     count = Counter((items[i][0], s) for i, s in enumerate(splits))
@@ -519,18 +531,18 @@ def test_assign_splits_is_seeded_stratified_and_prefers_quality():
 
 def test_golden_set_is_capped_at_a_fifth():
     items = [("x", None, False)] * 20
-    splits, info = prep.assign_splits(items, seed=0, val_fraction=0.05, test_fraction=0.05,
+    splits, info = assign_splits(items, seed=0, val_fraction=0.05, test_fraction=0.05,
                                       golden_size=150)
     assert Counter(splits) == {"golden": 4, "val": 1, "test": 1, "train": 14}
     assert info["golden_capped"] and info["golden_target"] == 4
 
 
 def test_derive_training_config():
-    values, how = prep.derive_training_config(100, [70, 130, 90], get_preset("135m"), 512)
+    values, how = derive_training_config(100, [70, 130, 90], get_preset("135m"), 512)
     # 135m: batch 4 x accumulation 1, the preset's max_steps 60 -> 5 evaluations of 12 steps
     assert values == {"eval_steps": 12, "max_length": 192, "save_steps": 12, "warmup_steps": 3}
     assert (how["steps_per_epoch"], how["total_steps"], how["examples_per_step"]) == (25, 60, 4)
-    values, how = prep.derive_training_config(1000, [3000], get_preset("7b"), 2048)
+    values, how = derive_training_config(1000, [3000], get_preset("7b"), 2048)
     # 7b: batch 4 x accumulation 4 -> 63 steps/epoch x 3 epochs = 189 steps
     assert values == {"eval_steps": 38, "max_length": 2048, "save_steps": 38, "warmup_steps": 10}
     assert how["total_steps"] == 189
@@ -568,7 +580,7 @@ def test_end_to_end_files_numbers_and_contracts(tmp_path, tok, capsys):
     path = write_lines(tmp_path / "enriched.jsonl", lines)
     out = tmp_path / "sft_output"
     assert cli(tok, path, out) == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == sorted(prep.OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp dirs left
     o = outputs(out)
     report = o["report"]
@@ -609,8 +621,8 @@ def test_end_to_end_files_numbers_and_contracts(tmp_path, tok, capsys):
     # manifest: stage, hashed inputs, the options
     manifest = verify_manifest(out)
     assert manifest["stage"] == "prep"
-    assert set(manifest["files"]) == set(prep.OUTPUT_FILES) - {"manifest.json"}
-    assert manifest["inputs"]["enriched"]["sha256"] == prep.describe_inputs(
+    assert set(manifest["files"]) == set(OUTPUT_FILES) - {"manifest.json"}
+    assert manifest["inputs"]["enriched"]["sha256"] == describe_inputs(
         {"x": path})["x"]["sha256"]
     assert manifest["config"]["golden_size"] == 6 and manifest["config"]["seed"] == 42
     assert "kept 41 of 47 records" in capsys.readouterr().out
@@ -667,7 +679,7 @@ def test_contamination_is_removed_from_train_and_reported(tmp_path, tok):
 
 
 def _most_shared_reference(shared, postings, is_train, counted, min_count):
-    """The per-record loop that prep._most_shared_eval replaces."""
+    """The per-record loop that _most_shared_eval replaces."""
     out = {}
     for i in range(len(shared)):
         if not is_train[i]:
@@ -693,18 +705,18 @@ def test_most_shared_eval_matches_a_per_record_loop(data):
                                            max_size=n_records)))
     counted = np.array(data.draw(st.lists(st.booleans(), min_size=n_grams, max_size=n_grams)))
     min_count = data.draw(st.integers(1, 3))
-    grams = prep.SharedGrams(np.array([len(s) for s in shared], dtype=np.int64),
+    grams = SharedGrams(np.array([len(s) for s in shared], dtype=np.int64),
                              np.array([g for s in shared for g in s], dtype=np.int64))
     max_pairs = data.draw(st.sampled_from([1, 3, 1 << 22]))   # blocks of records, or one
-    got = prep._most_shared_eval(grams, [np.array(p, dtype=np.int64) for p in postings],
+    got = _most_shared_eval(grams, [np.array(p, dtype=np.int64) for p in postings],
                                  is_train, counted, min_count, n_records, max_pairs)
     assert got == _most_shared_reference(shared, postings, is_train, counted, min_count)
     assert all(grams.of(i).tolist() == shared[i] for i in range(n_records))
 
 
 def test_most_shared_eval_without_eval_ngrams():
-    nothing = prep.SharedGrams(np.zeros(3, dtype=np.int64), np.zeros(0, dtype=np.int32))
-    assert prep._most_shared_eval(nothing, [], np.ones(3, dtype=bool), np.zeros(0, dtype=bool),
+    nothing = SharedGrams(np.zeros(3, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    assert _most_shared_eval(nothing, [], np.ones(3, dtype=bool), np.zeros(0, dtype=bool),
                                   2, 3) == {}
 
 
@@ -803,7 +815,7 @@ def test_committed_demo_data_and_sft_output_are_reproducible(tmp_path, embedded_
     out = tmp_path / "sft_output"
     assert prep.main(["--enriched", "data/demo_enriched.jsonl", "--output-dir", str(out)]) == 0
     committed = ROOT / "sft_output"
-    for name in prep.OUTPUT_FILES:
+    for name in OUTPUT_FILES:
         if name != "manifest.json":
             assert (out / name).read_bytes() == (committed / name).read_bytes(), name
     new, old = (json.loads((d / "manifest.json").read_text()) for d in (out, committed))

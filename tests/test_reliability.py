@@ -25,17 +25,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_records, write_jsonl
-
 import llama_chat
 import llama_evaluate
 import llama_package
 import llama_pilot
 import llama_train
 import pipeline_sft_prep
-from llama_io import (EXIT_DATA, EXIT_GATE, EXIT_IO, EXIT_OK, EXIT_USAGE, read_json, sha256_file,
-                      write_manifest)
-from llama_trainer import CHECKPOINT_FILES, STATE_FILE, find_resume_checkpoint, list_checkpoints
+from helpers import ROOT, make_records, write_jsonl
+from llama_sft.errors import EXIT_DATA, EXIT_GATE, EXIT_IO, EXIT_OK, EXIT_USAGE
+from llama_sft.files import read_json, sha256_file, write_manifest
+from llama_sft.package.build import build_package
+from llama_sft.train.checkpoint import (CHECKPOINT_FILES, STATE_FILE, find_resume_checkpoint,
+                                        list_checkpoints)
+from llama_sft.train.trainer import Trainer
 
 # One training setup for every run below: LoRA dropout > 0, so the RNG state matters on resume.
 RUN = ["--batch-size", "4", "--learning-rate", "5e-3", "--report-to", "none", "--no-progress",
@@ -170,8 +172,6 @@ def test_damaged_line_stops_train_pilot_and_evaluate(tiny_model_dir, tiny_adapte
 
 def test_empty_and_overlong_examples_are_dropped_or_truncated_and_counted(tiny_model_dir,
                                                                           tmp_path, monkeypatch):
-    import llama_trainer
-
     records = make_records(12)
     records += [dict(records[0], id="empty", response=""),
                 dict(records[1], id="blank", response="  \n "),
@@ -179,13 +179,13 @@ def test_empty_and_overlong_examples_are_dropped_or_truncated_and_counted(tiny_m
                 dict(records[3], id="long-answer", response="word " * 300)]
     data = write_jsonl(tmp_path / "sft_dataset.jsonl", records)
     seen = []
-    real = llama_trainer.Trainer.train_step
+    real = Trainer.train_step
 
     def recording(self, micro):
         seen.extend(e for mb in micro for e in mb)
         return real(self, micro)
 
-    monkeypatch.setattr(llama_trainer.Trainer, "train_step", recording)
+    monkeypatch.setattr(Trainer, "train_step", recording)
     out = tmp_path / "run"
     assert llama_train.main(train_argv(tiny_model_dir, data, out, "--max-steps", 4,
                                        "--max-length", 128)) == EXIT_OK
@@ -243,12 +243,12 @@ def test_same_seed_gives_identical_losses_and_weights(tiny_model_dir, dataset, r
 
 SLOW_AFTER_FIRST_CHECKPOINT = """
 import sys, time
-import llama_trainer
-real = llama_trainer.Trainer.train_step
+from llama_sft.train.trainer import Trainer
+real = Trainer.train_step
 def slow(self, micro):
     time.sleep(60 if self.state["step"] >= 2 else 0)  # the kill lands inside step 3
     return real(self, micro)
-llama_trainer.Trainer.train_step = slow
+Trainer.train_step = slow
 """
 
 
@@ -413,9 +413,7 @@ def test_inf_steps_skipped_then_abort_and_every_checkpoint_is_finite(tiny_model_
                                                                       capsys):
     import torch
 
-    import llama_trainer
-
-    real = llama_trainer.Trainer.forward_loss
+    real = Trainer.forward_loss
     calls = {"n": 0}
 
     def poisoned(self, batch, num_items):
@@ -423,7 +421,7 @@ def test_inf_steps_skipped_then_abort_and_every_checkpoint_is_finite(tiny_model_
         loss = real(self, batch, num_items)
         return loss * float("inf") if calls["n"] == 2 or calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(llama_trainer.Trainer, "forward_loss", poisoned)
+    monkeypatch.setattr(Trainer, "forward_loss", poisoned)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"max_bad_steps": 2}))
     out = tmp_path / "run"
@@ -463,7 +461,7 @@ def _rewrite_member(archive: Path, out: Path, name: str, data: bytes) -> Path:
 @pytest.mark.parametrize("kind", ["altered", "truncated"])
 def test_bad_package_is_refused_by_evaluate_and_chat_before_extraction(tiny_adapter_dir, tmp_path,
                                                                        monkeypatch, capsys, kind):
-    package = llama_package.build_package(tiny_adapter_dir, tmp_path / "packages")
+    package = build_package(tiny_adapter_dir, tmp_path / "packages")
     bad = tmp_path / "bad.tar.gz"
     if kind == "altered":
         _rewrite_member(package, bad, "prompt_format.json", b'{"style": "instruction"}\n')
@@ -553,12 +551,13 @@ def test_hostile_adapter_dir_is_refused_by_evaluate_chat_and_package(copy_dir, t
     assert not packages.exists()
 
 
-PRODUCT_SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"),
-                          *ROOT.glob("data/*.py")])
+PRODUCT_SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("llama_sft/**/*.py"),
+                          *ROOT.glob("benchmarks/*.py"), *ROOT.glob("data/*.py")])
 
 
 def test_trust_remote_code_is_never_enabled(tiny_adapter_dir, monkeypatch):
     assert len(PRODUCT_SOURCES) >= 10
+    assert ROOT / "llama_sft" / "model" / "loading.py" in PRODUCT_SOURCES   # the package too
     for path in PRODUCT_SOURCES:
         text = path.read_text(encoding="utf-8")
         assert "trust_remote_code=True" not in text.replace(" ", ""), path.name
@@ -577,7 +576,7 @@ def test_trust_remote_code_is_never_enabled(tiny_adapter_dir, monkeypatch):
     import peft
     import transformers
 
-    from llama_model import load_for_inference
+    from llama_sft.model.loading import load_for_inference
 
     calls = []
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, peft.PeftModel):

@@ -1,4 +1,4 @@
-"""Shared I/O contracts of the pipeline: exit codes, errors, hashing, atomic writes, manifests.
+"""Files every stage writes: hashes, atomic writes, JSON, and each output directory's manifest.
 
 Every stage writes ``manifest.json`` into its output directory (stage, created time, inputs with
 sha256, the resolved config, library versions, git commit). A stage that reads a directory calls
@@ -6,7 +6,6 @@ sha256, the resolved config, library versions, git commit). A stage that reads a
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import hashlib
@@ -19,37 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-EXIT_OK = 0
-EXIT_GATE = 1          # failed gate: pilot no-go, evaluation under threshold, OOM
-EXIT_USAGE = 2         # usage or config error
-EXIT_DATA = 65         # bad input data
-EXIT_IO = 74           # I/O error (disk full, unreadable)
-EXIT_INTERRUPTED = 130
-
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-
-
-class PipelineError(Exception):
-    """An error that ends a stage with a specific exit code and one clear line."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-
-class UsageError(PipelineError):
-    exit_code = EXIT_USAGE
-
-
-class DataError(PipelineError):
-    exit_code = EXIT_DATA
-
-
-class StorageError(PipelineError):
-    exit_code = EXIT_IO
+from llama_sft.errors import DataError, UsageError
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -77,19 +46,33 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def published_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the usual mode, 0666 (a directory 0777) less the umask: mkstemp and mkdtemp
+    make 0600 and 0700, which would hide outputs from the user's group."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; on success it gets the usual mode and replaces
+    ``path`` in one rename, on failure it is removed (``path`` is never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        yield tmp
+        published_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -114,7 +97,7 @@ def atomic_output_dir(final: str | os.PathLike, *, overwrite: bool = True) -> It
     if final.exists() and not overwrite:
         raise UsageError(f"{final} already exists; pass --overwrite or choose another path")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
+    published_mode(tmp)
     try:
         yield tmp
         if final.exists():
@@ -212,37 +195,3 @@ def verify_file_against_manifest(path: str | os.PathLike) -> dict[str, Any] | No
     if (path.parent / "manifest.json").exists():
         return verify_manifest(path.parent, [path.name])
     return None
-
-
-def scrub_secrets(text: str) -> str:
-    """Replace the values of known token environment variables in ``text``."""
-    for var in SECRET_ENV_VARS:
-        value = os.environ.get(var)
-        if value and len(value) >= 8:
-            text = text.replace(value, f"<{var}>")
-    return text
-
-
-def run_main(main_fn, argv=None) -> int:
-    """Run a stage's body, turning known failures into one line and an exit code."""
-    try:
-        return main_fn(argv)
-    except PipelineError as exc:
-        print(f"error: {scrub_secrets(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"error: I/O failure: {scrub_secrets(str(exc))}", file=sys.stderr)
-        return EXIT_IO
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's layout and shows every default that is not None."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or \
-                "%(default)" in (action.help or "") or "(default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)

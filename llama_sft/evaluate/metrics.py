@@ -31,6 +31,7 @@ _FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
 # ---------------------------------------------------------------------------------------------
 # Text overlap
 
+
 def normalize_answer(text: str) -> str:
     """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
@@ -141,6 +142,7 @@ def json_scores(prediction: str, reference: str) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Per example and per set
+
 
 def score_example(prediction: str, reference: str) -> dict[str, Any]:
     """Every per-example score of one generation (JSON scores are None for non-JSON refs)."""

@@ -1,0 +1,261 @@
+"""The package archive format: a reproducible ``.tar.gz`` of one folder with ``SHA256SUMS``.
+
+``verify_package`` checks gzip/tar integrity, the allowlist, member types and paths, size caps and
+every checksum without writing anything. ``extract_package`` verifies first, then extracts with
+tarfile's ``data`` filter into a temporary directory that is renamed into place, so a failed
+extraction leaves nothing. Damaged or hostile archives are ``DataError`` (exit 65).
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+from llama_sft.adapter.layout import (ALLOWED_FILES, ARCHIVE_SUFFIXES, METADATA, REQUIRED_FILES,
+                                      SUMS)
+from llama_sft.errors import DataError, UsageError
+from llama_sft.files import atomic_file, sha256_file
+
+DEFAULT_MAX_BYTES = 32 * 1024 ** 3     # total uncompressed size an archive may declare
+DEFAULT_MAX_MEMBERS = 64               # the allowlist has 16 names
+SMALL_FILE_CAP = 16 * 1024 ** 2        # SHA256SUMS and metadata.json are read into memory
+SCAN_CHUNK = 1 << 20
+
+
+def is_package_archive(path: str | os.PathLike) -> bool:
+    return Path(path).is_file() and str(path).endswith(ARCHIVE_SUFFIXES)
+
+
+def write_sums(folder: Path) -> None:
+    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.name != SUMS]
+    (folder / SUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_archive(folder: Path, archive: Path, mtime: int) -> None:
+    """A reproducible .tar.gz of ``folder``: sorted, fixed owner/mode/mtime, bare gzip header."""
+    from tqdm import tqdm
+
+    members = sorted(p.name for p in folder.iterdir())
+    with atomic_file(archive) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in tqdm(members, desc="archiving", unit="file", disable=None):
+            info = tarfile.TarInfo(f"{folder.name}/{name}")
+            info.size = (folder / name).stat().st_size
+            info.mtime, info.mode, info.uid, info.gid = mtime, 0o644, 0, 0
+            info.uname = info.gname = ""
+            with open(folder / name, "rb") as fh:
+                tar.addfile(info, fh)
+
+
+class _CappedReader(io.RawIOBase):
+    """A read-only stream that fails once more than ``limit`` decompressed bytes were read."""
+
+    def __init__(self, fh, limit: int, archive: Path):
+        super().__init__()
+        self._fh, self._limit, self._archive, self._count = fh, limit, archive, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        self._count += len(data)
+        if self._count > self._limit:
+            raise DataError(f"{self._archive}: decompresses to more than {self._limit} bytes "
+                            f"(size cap); refusing it as a decompression bomb")
+        return data
+
+
+@contextlib.contextmanager
+def _open_tar(archive: Path, max_bytes: int, max_members: int) -> Iterator[tarfile.TarFile]:
+    overhead = (max_members + 8) * 2048 + 20480  # headers, padding and end blocks
+    with gzip.open(archive, "rb") as gz:
+        reader = _CappedReader(gz, max_bytes + overhead, archive)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            yield tar
+        while reader.read(SCAN_CHUNK):  # to the end of the gzip stream, so its CRC is checked
+            pass
+
+
+@contextlib.contextmanager
+def _archive_errors(archive: Path) -> Iterator[None]:
+    import zlib
+
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{archive} is not an intact .tar.gz ({exc or type(exc).__name__}); "
+                        f"download or build it again") from None
+
+
+class _MemberCheck:
+    """Checks tar members one by one: type, path, allowlist, count and total size."""
+
+    def __init__(self, archive: Path, max_bytes: int, max_members: int):
+        self.archive, self.max_bytes, self.max_members = archive, max_bytes, max_members
+        self.top: str | None = None
+        self.count = self.total = 0
+        self.seen: set[str] = set()
+
+    def fail(self, member: tarfile.TarInfo, why: str) -> DataError:
+        return DataError(f"{self.archive}: member {member.name!r} {why}; refusing the archive")
+
+    def __call__(self, member: tarfile.TarInfo) -> str | None:
+        """The file name inside the package folder (None for the folder entry itself)."""
+        self.count += 1
+        if self.count > self.max_members:
+            raise DataError(f"{self.archive}: more than {self.max_members} members; refusing it")
+        if member.issym() or member.islnk():
+            raise self.fail(member, f"is a link (to {member.linkname!r})")
+        if member.isdev() or not (member.isfile() or member.isdir()):
+            raise self.fail(member, "is a device or special file")
+        name = member.name
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+            raise self.fail(member, "has an absolute path")
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if ".." in parts:
+            raise self.fail(member, "leaves the extraction directory (path traversal)")
+        self.top = self.top or parts[0]
+        if parts[0] != self.top:
+            raise self.fail(member, f"is outside the package folder {self.top!r}")
+        if member.isdir():
+            if len(parts) != 1:
+                raise self.fail(member, "is a directory not in the package allowlist")
+            return None
+        if len(parts) != 2 or parts[1] not in ALLOWED_FILES:
+            raise self.fail(member, "is not in the package allowlist")
+        if parts[1] in self.seen:
+            raise self.fail(member, "appears twice")
+        self.seen.add(parts[1])
+        self.total += member.size
+        if self.total > self.max_bytes:
+            raise DataError(f"{self.archive}: members total more than {self.max_bytes} bytes "
+                            f"(size cap); refusing it as a decompression bomb")
+        return parts[1]
+
+
+def _hash_stream(fh, keep: bool) -> tuple[str, bytes | None]:
+    digest, kept = hashlib.sha256(), bytearray()
+    while block := fh.read(SCAN_CHUNK):
+        digest.update(block)
+        if keep and len(kept) < SMALL_FILE_CAP:
+            kept.extend(block)
+    return digest.hexdigest(), bytes(kept) if keep else None
+
+
+def parse_sums(archive: Path, text: bytes) -> dict[str, str]:
+    sums = {}
+    for lineno, line in enumerate(text.decode("utf-8", "replace").splitlines(), start=1):
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *](\S+)", line.strip())
+        if not match:
+            raise DataError(f"{archive}: {SUMS} line {lineno} is malformed")
+        sums[match.group(2)] = match.group(1)
+    return sums
+
+
+def _check_sidecar(archive: Path) -> str:
+    digest = sha256_file(archive)
+    sidecar = archive.with_name(archive.name + ".sha256")
+    if sidecar.is_file():
+        recorded = sidecar.read_text(encoding="utf-8", errors="replace").split()[:1]
+        if recorded != [digest]:
+            raise DataError(f"{archive} does not match {sidecar.name} (sha256 differs); the "
+                            f"download is damaged or was altered")
+    return digest
+
+
+def verify_package(archive: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                   max_members: int = DEFAULT_MAX_MEMBERS) -> dict[str, Any]:
+    """Check integrity, allowlist and every checksum of a package (raises DataError).
+
+    Nothing is written. A ``<archive>.sha256`` beside the archive is checked too.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UsageError(f"package {archive} not found")
+    digest = _check_sidecar(archive)
+    check = _MemberCheck(archive, max_bytes, max_members)
+    hashes: dict[str, str] = {}
+    small: dict[str, bytes] = {}
+    with _archive_errors(archive), _open_tar(archive, max_bytes, max_members) as tar:
+        for member in tar:
+            name = check(member)
+            if name is None:
+                continue
+            fh = tar.extractfile(member)
+            hashes[name], content = _hash_stream(fh, keep=name in (SUMS, METADATA))
+            if content is not None:
+                small[name] = content
+    if check.top is None:
+        raise DataError(f"{archive} is empty")
+    missing = [f for f in REQUIRED_FILES if f not in hashes]
+    if missing:
+        raise DataError(f"{archive} lacks {', '.join(missing)}; it is not a package from "
+                        f"llama_package.py")
+    sums = parse_sums(archive, small[SUMS])
+    listed, present = set(sums), set(hashes) - {SUMS}
+    if listed != present:
+        odd = sorted(listed ^ present)
+        raise DataError(f"{archive}: {SUMS} and the archive disagree on {', '.join(odd)}")
+    for name in sorted(present):
+        if sums[name] != hashes[name]:
+            raise DataError(f"{archive}: checksum mismatch for {name} (the file was altered)")
+    try:
+        metadata = json.loads(small[METADATA])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{archive}: {METADATA} is not valid JSON ({exc})") from None
+    return {"archive": str(archive), "sha256": digest, "folder": check.top,
+            "name": metadata.get("name"), "version": metadata.get("version"),
+            "base_model": metadata.get("base_model"), "model_size": metadata.get("model_size"),
+            "files": dict(sorted(hashes.items())), "bytes": check.total,
+            "members": check.count}
+
+
+def extract_package(archive: str | os.PathLike, dest: str | os.PathLike, *,
+                    max_bytes: int = DEFAULT_MAX_BYTES, max_members: int = DEFAULT_MAX_MEMBERS,
+                    overwrite: bool = False) -> Path:
+    """Verify, then extract into ``dest/<name>-<version>/``; returns that (adapter) directory.
+
+    Extraction goes into a temporary directory inside ``dest`` that is renamed into place, so a
+    failure leaves nothing (``dest`` itself is removed again when this call created it).
+    """
+    archive = Path(archive)
+    info = verify_package(archive, max_bytes=max_bytes, max_members=max_members)
+    dest = Path(dest)
+    final = dest / info["folder"]
+    if final.exists() and not overwrite:
+        raise UsageError(f"{final} already exists; remove it or pass --overwrite")
+    created = [p for p in (dest, *dest.parents) if not p.exists()]
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{info['folder']}.extract-"))
+    try:
+        check = _MemberCheck(archive, max_bytes, max_members)
+        with _archive_errors(archive), _open_tar(archive, max_bytes, max_members) as tar:
+            for member in tar:
+                check(member)
+                tar.extract(member, tmp, filter="data")
+        extracted = tmp / info["folder"]
+        for name, digest in info["files"].items():
+            if sha256_file(extracted / name) != digest:
+                raise DataError(f"{archive} changed while it was being extracted ({name})")
+        if final.exists():
+            os.replace(final, tmp / "replaced")  # removed with tmp below
+        os.replace(extracted, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,1 @@
+"""SFT data as training sees it: records, prompt formats, tokenization with masked prompts, collators."""

@@ -1,0 +1,166 @@
+"""Tokenization: prompt masked, response and its end-of-sequence token supervised.
+
+Labels: prompt tokens are ``IGNORE_INDEX`` (-100); the response tokens and the final EOS are
+supervised. Masking never looks at the pad token id, so a tokenizer whose pad equals its EOS
+cannot silently drop EOS from the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from llama_sft.data.prompt_format import PromptFormat
+from llama_sft.errors import UsageError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_example(tokenizer, fmt: PromptFormat, record: dict[str, Any], max_length: int,
+                   policy: str = "truncate") -> Encoded | None:
+    """Tokenize one record: prompt masked, response + EOS supervised.
+
+    Over ``max_length``: policy ``drop`` returns None; ``truncate`` cuts the end of the response
+    (EOS then is not supervised, and ``truncated`` is set) but never the whole response: when
+    fewer than 8 response tokens would remain, the example is dropped (None).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
+    prompt = fmt.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
+    response = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
+    return assemble_example(prompt, response, eos, max_length, policy)
+
+
+def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
+                     max_length: int, policy: str = "truncate") -> Encoded | None:
+    """Join tokenized prompt and response (EOS appended) under ``encode_example``'s rules."""
+    prompt = list(prompt_ids)
+    response = list(response_ids) + [eos_id]
+    truncated = False
+    if len(prompt) + len(response) > max_length:
+        if policy == "drop":
+            return None
+        keep = max_length - len(prompt)
+        if keep < min(8, len(response)):
+            return None
+        response, truncated = response[:keep], True
+    if not response:
+        return None
+    return Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response, truncated)
+
+
+def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], max_length: int,
+                 policy: str = "truncate") -> list[Encoded | None]:
+    """``encode_example`` for many records at once, one fast-tokenizer batch call per side.
+
+    Returns one entry per record (None where ``encode_example`` would return None); the token
+    ids are identical to ``encode_example``'s.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
+    prompt_ids, response_ids = tokenize_batch(tokenizer, fmt, records)
+    return [assemble_example(p, r, eos, max_length, policy)
+            for p, r in zip(prompt_ids, response_ids)]
+
+
+def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and response ids (no EOS) of many records, one batch call per side."""
+    return _encode_sides(tokenizer, fmt, records, None)
+
+
+def count_tokens_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
+                       ) -> tuple[list[int], list[int]]:
+    """The lengths of ``tokenize_batch``'s prompt and response ids, without building the id
+    lists where the Rust backend is called."""
+    return _encode_sides(tokenizer, fmt, records, len)
+
+
+def _encode_sides(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], take):
+    if not records:
+        return [], []
+    prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
+    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens, take),
+            _encode_many(tokenizer, [r["response"] for r in records], False, take))
+
+
+def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool, take=None) -> list:
+    """Token ids of many texts (``take`` of them, e.g. ``len``, when given); a fast tokenizer's
+    Rust backend is called directly (the transformers wrapper costs several times the backend
+    call) unless the backend would pad or truncate (settings a tokenizer.json can carry and the
+    wrapper switches off). ``encode_batch_fast`` skips the character offsets, which ids do not
+    need."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode(texts, add_special_tokens=add_special_tokens)
+        return [take(e) for e in encodings] if take else [e.ids for e in encodings]
+    ids = tokenizer(texts, add_special_tokens=add_special_tokens,
+                    return_attention_mask=False)["input_ids"]
+    return [take(x) for x in ids] if take else [list(x) for x in ids]
+
+
+def example_lengths(prompt_len: int, response_len: int, max_length: int,
+                    policy: str = "truncate") -> tuple[int, int, bool] | None:
+    """(tokens, supervised tokens, truncated) of ``assemble_example`` on a prompt and a response
+    of these lengths, or None where it returns None; for callers that need no ids."""
+    response = response_len + 1                      # EOS
+    truncated = False
+    if prompt_len + response > max_length:
+        if policy == "drop":
+            return None
+        keep = max_length - prompt_len
+        if keep < min(8, response):
+            return None
+        response, truncated = keep, True
+    return prompt_len + response, response, truncated
+
+
+def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any]],
+                   max_length: int, policy: str = "truncate") -> tuple[list[Encoded], int]:
+    """Encode many records; returns the kept examples and how many were dropped.
+
+    Dropped: empty (whitespace-only) responses, examples over ``max_length`` that ``policy``
+    drops, and any example left with zero supervised tokens.
+    """
+    kept, dropped = [], 0
+    for record in records:
+        if not record["response"].strip():
+            dropped += 1              # an empty answer would only teach the model to stop
+            continue
+        enc = encode_example(tokenizer, fmt, record, max_length, policy)
+        if enc is None or enc.num_supervised == 0:
+            dropped += 1
+        else:
+            kept.append(enc)
+    return kept, dropped
+
+
+def token_stats(examples: Sequence[Encoded]) -> dict[str, Any]:
+    """Lengths and the supervised-token ratio of encoded examples."""
+    if not examples:
+        return {"examples": 0, "tokens": 0, "supervised_tokens": 0, "supervised_ratio": 0.0}
+    lengths = sorted(len(e) for e in examples)
+    supervised = sum(e.num_supervised for e in examples)
+    tokens = sum(lengths)
+    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    return {"examples": len(examples), "tokens": tokens, "supervised_tokens": supervised,
+            "supervised_ratio": supervised / tokens, "min_length": lengths[0],
+            "mean_length": tokens / len(lengths), "p50_length": pct(0.5),
+            "p95_length": pct(0.95), "max_length": lengths[-1],
+            "truncated": sum(e.truncated for e in examples)}

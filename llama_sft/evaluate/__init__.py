@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced loss and generation metrics, fine-tuned against base, per category."""

@@ -1,0 +1,1 @@
+"""Models: the embedded default, loading (nobody else loads a model), LoRA, kernels, generation."""

@@ -1,0 +1,1 @@
+"""Batched generation from token-id prompts (evaluation, pilot, chat, benchmarks)."""

@@ -1,0 +1,70 @@
+"""The pilot's checks: data (the exact tensors training sees) and learning (the loss curve)."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from llama_sft.data import tokenize
+
+
+@dataclass
+class Check:
+    group: str
+    name: str
+    value: Any
+    threshold: str
+    passed: bool
+    detail: str = ""
+
+
+def data_checks(tokenizer, fmt, records, max_length: int, ratio_range: tuple[float, float]):
+    """Checks on the exact tensors training will see (before any model is loaded)."""
+    eos = tokenizer.eos_token_id
+    encoded = [tokenize.encode_example(tokenizer, fmt, r, max_length) for r in records]
+    kept = [e for e in encoded if e is not None]
+    zero = sum(1 for e in kept if e.num_supervised == 0) + (len(encoded) - len(kept))
+    no_eos = sum(1 for e in kept if eos not in [t for t in e.labels if t != tokenize.IGNORE_INDEX])
+    tokens = sum(len(e) for e in kept)
+    ratio = sum(e.num_supervised for e in kept) / tokens if tokens else 0.0
+    bad_roundtrip = [r.get("id") for r in records[:50] if not _roundtrips(tokenizer, fmt, r)]
+    lo, hi = ratio_range
+    return [
+        Check("data", "supervised_token_ratio", round(ratio, 4), f"in [{lo}, {hi}]",
+              lo <= ratio <= hi),
+        Check("data", "examples_without_eos_label", no_eos, "== 0", no_eos == 0,
+              "EOS must be supervised or the model never learns to stop"),
+        Check("data", "zero_label_examples", zero, "== 0", zero == 0),
+        Check("data", "prompt_roundtrip_failures", len(bad_roundtrip), "== 0", not bad_roundtrip,
+              ", ".join(map(str, bad_roundtrip[:5]))),
+    ]
+
+
+def _roundtrips(tokenizer, fmt, record) -> bool:
+    text = fmt.render(tokenizer, record["instruction"], record.get("context") or "")
+    ids = fmt.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    if fmt.adds_special_tokens and tokenizer.bos_token and decoded.startswith(tokenizer.bos_token):
+        decoded = decoded[len(tokenizer.bos_token):].lstrip(" ") if not text.startswith(" ") else \
+            decoded[len(tokenizer.bos_token):]
+    return decoded == text
+
+
+def learning_checks(rows: list[dict], min_drop: float) -> tuple[list[Check], dict[str, float]]:
+    losses = [r["loss"] for r in rows if "loss" in r]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    bad = rows[-1].get("bad_steps", 0) if rows else 0
+    k = max(1, min(5, len(losses) // 4))
+    first = statistics.fmean(losses[:k]) if losses else float("nan")
+    last = statistics.fmean(losses[-k:]) if losses else float("nan")
+    drop = (first - last) / first if losses and first > 0 else 0.0
+    finite = all(math.isfinite(x) for x in losses + norms)
+    return [
+        Check("learning", "loss_drop", round(drop, 4), f">= {min_drop}", drop >= min_drop,
+              f"first {first:.4f} -> last {last:.4f}"),
+        Check("learning", "non_finite_steps", bad, "== 0", bad == 0 and finite),
+        Check("learning", "grad_norm_finite", all(math.isfinite(x) for x in norms), "true",
+              bool(norms) and all(math.isfinite(x) for x in norms),
+              f"max {max(norms):.3g}" if norms else "no steps"),
+    ], {"first_loss": first, "last_loss": last}

@@ -1,0 +1,1 @@
+"""The prep stage: readers, validation and cleaning, PII, dedup, splits, contamination, outputs."""

@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints and resume, distributed set-up, callbacks and loggers."""
