@@ -287,3 +287,26 @@ def test_prompt_format_roundtrip_and_validation(tmp_path, formats):
         PromptFormat(style="alpaca")
     with pytest.raises(UsageError, match="needs a chat template"):
         PromptFormat(style="chat_template")
+
+
+def test_dataset_script_counts_splits_and_marks_supervised_tokens(tiny_model_dir, tmp_path,
+                                                                  capsys):
+    """llama_dataset.py: per-split counts from the same tokenization training uses, and --show
+    prints the supervised part (the response and its EOS) between >>> and <<<."""
+    import llama_dataset
+    from llama_sft.model.loading import load_tokenizer
+
+    records = make_records(6) + make_records(2, "val", 50)
+    data = write_jsonl(tmp_path / "sft_dataset.jsonl", records)
+    assert llama_dataset.main([str(data), "--tokenizer", str(tiny_model_dir), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    tok = load_tokenizer(str(tiny_model_dir))
+    fmt = PromptFormat.for_tokenizer(tok)
+    expected = token_stats(encode_records(tok, fmt, records[:6], 512)[0])
+    assert stats["splits"]["train"] == {**expected, "dropped": 0, "without_eos_label": 0}
+    assert stats["splits"]["val"]["examples"] == 2
+
+    assert llama_dataset.main([str(data), "--tokenizer", str(tiny_model_dir), "--show", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert f">>>{records[0]['response']}{tok.eos_token}<<<" in shown
+    assert records[0]["instruction"] in shown.split(">>>")[0]

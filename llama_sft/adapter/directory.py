@@ -36,7 +36,7 @@ def read_adapter_dir(path: str | os.PathLike, base_model: str | None = None) -> 
     if not path.is_dir():
         raise UsageError(f"adapter path {path} does not exist or is not a directory")
     check_adapter_dir(path, base_model)
-    training_config, manifest = read_adapter_records(path)
+    training_config, manifest = _read_records(path)
     return AdapterDir(path, training_config, manifest)
 
 
@@ -101,7 +101,7 @@ def recorded_base_model(adapter_dir: str | os.PathLike) -> str:
     return check_adapter_dir(adapter_dir)["base_model_name_or_path"]
 
 
-def read_adapter_records(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_records(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training config, manifest) of a final_model/ dir, checked against its manifest.
 
     An extracted package (no manifest.json, but SHA256SUMS and metadata.json) is checked against

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llama_sft.adapter.archive import write_archive, write_sums
-from llama_sft.adapter.directory import (check_adapter_dir, read_adapter_records,
-                                         recorded_base_model)
+from llama_sft.adapter.directory import check_adapter_dir, read_adapter_dir, recorded_base_model
 from llama_sft.adapter.layout import (ADAPTER_FILES, EVALUATION, GENERATED_FILES, METADATA,
                                       PROMPT_FORMAT, SUMS)
 from llama_sft.adapter.source import adapter_directory
@@ -130,7 +129,8 @@ def plan_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, 
     if missing:
         raise DataError(f"{adapter_dir} lacks {', '.join(missing)}; it was not written by "
                         f"llama_train.py")
-    training_config, manifest = read_adapter_records(adapter_dir)
+    adapter = read_adapter_dir(adapter_dir)   # code and link checks, manifest or SHA256SUMS
+    training_config, manifest = adapter.training_config, adapter.manifest
     base, size = resolve_package_target(adapter_dir, training_config, base_model, model_size)
     name = _check_name("name", name or f"llama-sft-{size}")
     version = _check_name("version", version)
