@@ -76,7 +76,7 @@ def inspect(args) -> int:
                   f"without EOS label {s['without_eos_label']}")
     for record in records[:args.show]:
         example = encode_example(tokenizer, fmt, record, max_length)
-        shown = "(dropped: over --max-length)" if example is None else show_example(tokenizer, example)
+        shown = show_example(tokenizer, example) if example else "(dropped: over --max-length)"
         print(f"\n--- {record.get('id')} ({record.get('split')})\n{shown}")
     return 0
 

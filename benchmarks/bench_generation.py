@@ -6,10 +6,10 @@
     python3 benchmarks/bench_generation.py --model DIR --dtype bfloat16 --batch-size 16 \\
         --num-prompts 32 --max-new-tokens 128
 
-Both runs use ``llama_model.generate_many`` (left padding, KV cache, greedy) on the same prompts
-(the golden set's records, or the first --num-prompts, built with the chat template exactly as
-llama_evaluate.py builds them): one prompt at a time, then continuously batched with at most
---batch-size rows decoding at once. The result goes to
+Both runs use ``generate_many`` (``llama_sft.model.generation.batch``: left padding, KV cache,
+greedy) on the same prompts (the golden set's records, or the first --num-prompts, built with the
+chat template exactly as llama_evaluate.py builds them): one prompt at a time, then continuously
+batched with at most --batch-size rows decoding at once. The result goes to
 ``benchmarks/results/generation.json`` with the machine it ran on. Measure the identity check in
 float32: in bf16, left padding changes the numerics enough that some greedy outputs differ; the
 result counts how many differ and where the first differing token is.
@@ -75,7 +75,7 @@ def machine_info() -> dict[str, Any]:
 def timed_generation(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int,
                      max_new_tokens: int) -> tuple[list[list[int]], float, int]:
     """Token ids per prompt, the wall time and the prefill calls, at most ``batch_size`` prompts
-    at a time (``llama_model.generate_many``; 1: each prompt generated on its own)."""
+    at a time (``generate_many``; 1: each prompt generated on its own)."""
     from tqdm.auto import tqdm
 
     from llama_sft.model.generation.batch import generate_many

@@ -1,1 +1,2 @@
-"""Configuration: the preset table, a run's resolved settings, the flags made from them, hardware."""
+"""Configuration: the preset table, a run's resolved settings, the flags made from them,
+hardware."""
