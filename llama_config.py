@@ -20,7 +20,7 @@ import json
 import sys
 
 from llama_sft.config.hardware import (detect_hardware, environment_check,
-                                       estimate_training_memory_gb, lora_parameter_count)
+                                       estimate_training_memory, lora_parameter_count)
 from llama_sft.config.presets import (DEFAULT_SIZE, EMBEDDED_MODEL_ID, PRESETS, Preset,
                                       format_table, get_preset, preset_for_base_model)
 from llama_sft.config.settings import (FIELD_SECTION, SECTIONS, DataSettings, EvalSettings,
@@ -32,7 +32,7 @@ from llama_sft.model.embedded import embedded_model_status
 __all__ = ["DEFAULT_SIZE", "EMBEDDED_MODEL_ID", "FIELD_SECTION", "PRESETS", "SECTIONS",
            "ConfigError", "DataSettings", "EvalSettings", "LoraSettings", "ModelSettings",
            "OptimSettings", "Preset", "RunConfig", "detect_hardware", "environment_check",
-           "estimate_training_memory_gb", "format_table", "get_preset", "load_config_file",
+           "estimate_training_memory", "format_table", "get_preset", "load_config_file",
            "lora_parameter_count", "preset_for_base_model", "resolve_config"]
 
 

@@ -116,7 +116,7 @@ def benchmark(model_path: str, args) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(model_path)
-    model = load_base_model(model_path, dtype=args.dtype)
+    model = load_base_model(model_path, dtype=args.dtype, device_map="auto")
     model.eval()
     fmt = PromptFormat.for_tokenizer(tokenizer)
     records = read_sft_jsonl(args.golden_set)[:args.num_prompts or None]

@@ -4,7 +4,6 @@
     python3 benchmarks/bench_train.py                      # embedded 135m + tiny LLaMA, all frameworks
     python3 benchmarks/bench_train.py --models tiny --steps 2 --warmup 1 --max-load 0   # smoke (seconds)
     python3 benchmarks/bench_train.py --models 135m --frameworks ours,trl_packing --profile
-    python3 benchmarks/bench_train.py --gpu                # CUDA only: 7B-shaped LoRA and QLoRA, seq 2048
 
 Every framework trains the same model with the same examples (``sft_output/`` train split, tokenized
 once by ``llama_sft.data.tokenize.encode_records``), the same max_length, per-device batch, accumulation,
@@ -26,7 +25,8 @@ MFU = tokens/s x FLOPs/token / the machine's matmul peak, measured in the same r
 FLOPs/token = 4*N_frozen + 6*N_trainable + 12*layers*d_attn*ctx, with N the weights of every
 matmul (linear layers and the LM head; embedding lookups excluded) and ctx the mean causal
 context of a token within its own example. Writes ``benchmarks/results/train.json`` (per run,
-per framework, ratios, targets, machine) and prints a table; ``--gpu`` writes ``train_gpu.json``.
+per framework, ratios, targets, machine) and prints a table. The GPU comparison is
+``bench_gpu.py`` (run by ``gpu_check.sh``).
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ from llama_sft.errors import PipelineError, UsageError, run_main  # noqa: E402
 from llama_sft.files import now_iso, write_json  # noqa: E402
 
 DEFAULT_OUTPUT = HERE / "results" / "train.json"
-DEFAULT_GPU_OUTPUT = HERE / "results" / "train_gpu.json"
 DEFAULT_DATASET = ROOT / "sft_output" / "sft_dataset.jsonl"
 DEFAULT_CONFIG = ROOT / "sft_output" / "training_config.json"
 FRAMEWORKS = {
@@ -101,13 +100,6 @@ TARGETS = {"vs_trl_default": 1.5, "vs_trl_best": 1.1, "mfu_bf16": 0.45}
 UTILIZATION_FLOOR = 0.9     # a run whose threads got less CPU than this was disturbed
 PROBE_SECONDS = 0.5         # the matmul speed probe before and after each run
 IGNORE_INDEX = -100
-# Architecture of the 7B-shaped GPU run (Llama-2-7b) and of a tiny stand-in that tests it on CPU.
-GPU_SHAPES = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
-}
 
 
 def log(msg: str) -> None:
@@ -167,16 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, profile ours and the best TRL setting (torch "
                              "profiler, top operators into the result)")
-    parser.add_argument("--gpu", action="store_true",
-                        help="CUDA only: 7B-shaped random LLaMA, LoRA and QLoRA at --gpu-seq-len")
-    parser.add_argument("--gpu-seq-len", type=int, default=2048, help="tokens per GPU example")
-    parser.add_argument("--gpu-steps", type=int, default=5, help="measured GPU optimizer steps")
-    parser.add_argument("--gpu-gradient-checkpointing", default=True,
-                        action=argparse.BooleanOptionalAction,
-                        help="gradient checkpointing in the GPU run (the 7b preset's setting)")
     parser.add_argument("--output", default=None,
-                        help=f"result JSON; None: {DEFAULT_OUTPUT.relative_to(ROOT)} "
-                             f"(--gpu: {DEFAULT_GPU_OUTPUT.relative_to(ROOT)})")
+                        help=f"result JSON; None: {DEFAULT_OUTPUT.relative_to(ROOT)}")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -184,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """All problems at once, before anything is loaded."""
     problems = [f"--{n.replace('_', '-')} must be > 0" for n in
-                ("steps", "batch_size", "gradient_accumulation_steps", "repeats", "gpu_seq_len",
-                 "gpu_steps") if getattr(args, n) <= 0]
+                ("steps", "batch_size", "gradient_accumulation_steps", "repeats")
+                if getattr(args, n) <= 0]
     if args.warmup < 0 or args.retries < 0:
         problems.append("--warmup and --retries must be >= 0")
     if not 0 <= args.probe_floor < 1:
@@ -196,9 +180,9 @@ def check_args(args) -> None:
     unknown = sorted(set(csv_list(args.frameworks)) - set(FRAMEWORKS))
     if unknown:
         problems.append(f"--frameworks: unknown {', '.join(unknown)} (valid: {', '.join(FRAMEWORKS)})")
-    if not args.gpu and not csv_list(args.frameworks):
+    if not csv_list(args.frameworks):
         problems.append("--frameworks names none")
-    if not args.gpu and not Path(args.dataset).is_file():
+    if not Path(args.dataset).is_file():
         problems.append(f"--dataset {args.dataset} not found (run pipeline_sft_prep.py first)")
     if args.config and not Path(args.config).is_file():
         problems.append(f"--config {args.config} not found (pass --config '' for the preset alone)")
@@ -882,9 +866,7 @@ class Benchmark:
                       "next (data, forward, backward, optimizer, hooks); tokens = real (non-pad) "
                       "tokens; model load and tokenization excluded; the first --warmup steps "
                       "of each run are not measured",
-            "gpu_mode": {"run": False, "reason": "not requested; `bench_train.py --gpu` runs it on "
-                                                 "a CUDA machine" + ("" if _cuda() else
-                                                                     " (this machine has none)")},
+            "gpu": "benchmarks/bench_gpu.py (benchmarks/gpu_check.sh on a CUDA machine)",
             "models": {}, "runs": []}
 
     def finish(self, preps: dict[str, dict], complete: bool) -> dict[str, Any]:
@@ -918,153 +900,11 @@ def _cuda() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU mode: a 7B-shaped random LLaMA, LoRA and QLoRA through this pipeline's training step
-
-def build_random_llama(shape: dict[str, int], device: str, dtype):
-    """A random-weight LlamaForCausalLM created directly on ``device`` in ``dtype``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model
-
-
-def quantize_4bit(model, compute_dtype) -> None:
-    """Swap the decoder's nn.Linear layers for nf4 Linear4bit (double quant, as --use-4bit
-    loads them), one layer at a time so the bf16 copy is freed as it goes."""
-    import bitsandbytes as bnb
-    import torch
-
-    for parent in list(model.model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear):
-                continue
-            device = child.weight.device
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                  compute_dtype=compute_dtype, compress_statistics=True,
-                                  quant_type="nf4", quant_storage=compute_dtype, device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, quant_storage=compute_dtype,
-                                         module=q)._quantize(device)
-            setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
-
-
-def synthetic_examples(n: int, seq_len: int, vocab: int) -> list:
-    """Random-token examples of ``seq_len`` tokens, the first half a masked prompt."""
-    import torch
-
-    from llama_sft.data.tokenize import IGNORE_INDEX as IGNORE
-    from llama_sft.data.tokenize import Encoded
-
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (seq_len,), generator=gen).tolist()
-        half = seq_len // 2
-        out.append(Encoded(ids, [IGNORE] * half + ids[half:]))
-    return out
-
-
-def gpu_benchmark(*, shape: str = "7b", seq_len: int = 2048, steps: int = 5, warmup: int = 1,
-                  methods: Sequence[str] = ("lora", "qlora"), gradient_checkpointing: bool = True,
-                  device: str = "cuda") -> dict[str, Any]:
-    """tokens/s and peak memory of the Trainer's training step on a random ``shape`` LLaMA.
-
-    ``device="cpu"`` with ``shape="tiny"`` runs the same code path where there is no GPU.
-    """
-    import torch
-
-    rows = {}
-    for method in methods:
-        rows[method] = _gpu_method(shape, seq_len, steps, warmup, method, gradient_checkpointing,
-                                   device)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return {"shape": shape, "architecture": GPU_SHAPES[shape], "seq_len": seq_len,
-            "batch_size": 1, "steps": steps, "warmup": warmup,
-            "gradient_checkpointing": gradient_checkpointing, "device": device,
-            "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_model(),
-            "methods": rows}
-
-
-def _gpu_method(shape: str, seq_len: int, steps: int, warmup: int, method: str,
-                gradient_checkpointing: bool, device: str) -> dict[str, Any]:
-    import types
-
-    import torch
-    from accelerate import Accelerator
-
-    from llama_sft.config.settings import resolve_config
-    from llama_sft.data.prompt_format import PromptFormat
-    from llama_sft.model.lora import attach_lora
-    from llama_sft.train.examples import TrainData
-    from llama_sft.train.trainer import Trainer
-
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    cfg = resolve_config("7b", overrides={"method": method, "batch_size": 1,
-                                          "gradient_accumulation_steps": 1,
-                                          "max_steps": steps + warmup, "max_length": seq_len,
-                                          "gradient_checkpointing": gradient_checkpointing})
-    dtype = torch.bfloat16
-    model = build_random_llama(GPU_SHAPES[shape], device, dtype)
-    if method == "qlora":
-        quantize_4bit(model, dtype)
-    model = attach_lora(model, cfg.lora, quantized=method == "qlora",
-                        gradient_checkpointing=gradient_checkpointing)
-    data = TrainData(synthetic_examples(steps + warmup, seq_len, GPU_SHAPES[shape]["vocab_size"]),
-                     [], [])
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        trainer = Trainer(cfg, Path(tmp), data, model=model,
-                          tokenizer=types.SimpleNamespace(pad_token_id=0),
-                          fmt=PromptFormat("instruction"), accelerator=Accelerator(cpu=not cuda),
-                          progress=False)
-        times, losses = [], []
-        for example in data.train:
-            t0 = time.perf_counter()
-            stats = trainer.train_step([[example]])
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(stats["loss"])
-    measured = times[warmup:]
-    row = {"tokens_per_s": seq_len * len(measured) / sum(measured),
-           "step_time_s": sum(measured) / len(measured), "losses": losses,
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    del trainer, model
-    return row
-
-
-def run_gpu(args, output: Path) -> int:
-    if not _cuda():
-        raise UsageError("--gpu needs a CUDA device and none is visible (torch.cuda.is_available() "
-                         "is False); run the CPU benchmark without --gpu")
-    result = {"benchmark": "train_gpu", "created": now_iso(), "machine": machine_info(),
-              **gpu_benchmark(seq_len=args.gpu_seq_len, steps=args.gpu_steps,
-                              warmup=max(1, args.warmup),
-                              gradient_checkpointing=args.gpu_gradient_checkpointing)}
-    write_json(output, result)
-    for method, row in result["methods"].items():
-        print(f"{method}: {row['tokens_per_s']:.0f} tokens/s, {row['step_time_s']:.2f} s/step, "
-              f"peak {row['peak_memory_gb']:.1f} GiB")
-    print(f"result written to {output}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 
 def run(args) -> int:
     if args.worker:
         return worker(args.worker)
     check_args(args)
-    if args.gpu:
-        return run_gpu(args, Path(args.output or DEFAULT_GPU_OUTPUT))
     output = Path(args.output or DEFAULT_OUTPUT)
     result = Benchmark(args, output).execute()
     print(format_table(result))

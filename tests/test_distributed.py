@@ -49,11 +49,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config: str, *args: str, timeout: int = 600, log: Path | None = None):
+def launch(config: str, *args: str, timeout: int = 600, log: Path | None = None,
+           env_extra: dict[str, str] | None = None):
     """accelerate launch --config_file configs/accelerate/<config> with 2 CPU processes; with
     ``log``, started in the background with its stderr going to that file."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **(env_extra or {})}
     if config.startswith("deepspeed"):     # llama_train.py as a user runs it, DeepSpeed on CPU
         env["DS_ACCELERATOR"] = "cpu"
         env.pop("ACCELERATE_USE_CPU", None)
@@ -167,8 +168,17 @@ def reference(tiny_model_dir, data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_model_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "fsdp"
-    proc = launch("fsdp.yaml", *run_args(tiny_model_dir, data, out, PER_DEVICE))
+    proc = launch("fsdp.yaml", *run_args(tiny_model_dir, data, out, PER_DEVICE),
+                  env_extra={"PLACEMENT_LOG": str(out.parent / "placement.jsonl")})
     return out, proc.stderr
+
+
+def test_fsdp_processes_but_the_main_one_never_hold_the_whole_model(fsdp_run):
+    """cpu_ram_efficient_loading (fsdp.yaml): only the main process loads the weights; the
+    others build the model on the meta device and get their shards from it."""
+    out, _ = fsdp_run
+    rows = [json.loads(line) for line in (out.parent / "placement.jsonl").read_text().splitlines()]
+    assert {row["rank"]: row["devices"] for row in rows} == {0: ["cpu"], 1: ["meta"]}
 
 
 def test_fsdp_two_processes_match_one_process(reference, fsdp_run):
@@ -398,8 +408,27 @@ def _enable_fsdp_on_cpu() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def _log_placement(path: str) -> None:
+    """Record, per process, the devices of the base model's parameters as loaded."""
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        row = {"rank": int(os.environ["RANK"]),
+               "devices": sorted({p.device.type for p in model.parameters()})}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return model
+
+    transformers.AutoModelForCausalLM.from_pretrained = spy
+
+
 if __name__ == "__main__":      # a worker process started by launch()
     sys.path.insert(0, str(ROOT))
     _enable_fsdp_on_cpu()
+    if os.environ.get("PLACEMENT_LOG"):
+        _log_placement(os.environ["PLACEMENT_LOG"])
     import llama_train
     sys.exit(llama_train.main(sys.argv[1:]))

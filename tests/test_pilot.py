@@ -95,7 +95,43 @@ def test_all_responses_masked_is_no_go_before_training(tiny_model_dir, golden, t
 def test_memory_fit_suggests_a_setup_that_fits():
     from llama_sft.config.presets import PRESETS
 
-    fit = _fit(PRESETS["13b"], budget_gb=12.0)
+    fit = _fit(PRESETS["13b"], budget_gb=14.0)
     assert not fit["fits"]
-    assert fit["suggestion"]["quantization"] == "4bit" and fit["suggestion"]["estimate_gb"] <= 12
+    assert fit["suggestion"]["quantization"] == "4bit" and fit["suggestion"]["estimate_gb"] <= 14
     assert fit["suggestion"]["batch_size"] * fit["suggestion"]["gradient_accumulation_steps"] == 16
+    too_small = _fit(PRESETS["13b"], budget_gb=8.0)
+    assert "FSDP over 2 GPUs" in too_small["suggestion"]
+
+
+def test_gpu_presets_do_not_fit_a_machine_without_cuda():
+    """However much RAM there is, a preset made for GPUs cannot train here (train refuses it)."""
+    from llama_sft.config.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        fit = _fit(preset, budget_gb=1000.0, cuda=False)
+        assert fit["fits"] is (preset.min_gpu_memory_gb == 0), name
+        if not fit["fits"]:
+            assert "needs a CUDA GPU" in fit["suggestion"]
+
+
+def test_memory_estimate_parts():
+    """The estimate's parts for 7B QLoRA at one 2,048-token example: the 4-bit linears and the
+    fp32 embeddings/LM head k-bit training keeps, and the per-device share under FSDP."""
+    from llama_sft.config.hardware import CUDA_CONTEXT_GB, estimate_training_memory
+    from llama_sft.config.presets import PRESETS
+
+    p = PRESETS["7b"]
+    kw = dict(method="lora", lora_r=16, lora_targets=p.lora_target_modules, batch_size=1,
+              max_length=2048, gradient_checkpointing=True)
+    qlora = estimate_training_memory(p, quantization="4bit", **kw)
+    outer = 2 * 32000 * 4096
+    assert qlora["weights_gb"] == pytest.approx(((p.params - outer) * 0.55 + outer * 4) / 1e9,
+                                                abs=1e-3)
+    assert qlora["total_gb"] == pytest.approx(qlora["allocated_gb"] + CUDA_CONTEXT_GB)
+    assert qlora["dequantization_gb"] > 0 and qlora["logits_gb"] > 0
+    bf16 = estimate_training_memory(p, quantization="none", **kw)
+    sharded = estimate_training_memory(p, quantization="none", world_size=2, **kw)
+    assert sharded["weights_gb"] == pytest.approx(bf16["weights_gb"] / 2, abs=1e-3)
+    # a 4-bit model is loaded whole on each device before FSDP shards it
+    assert estimate_training_memory(p, quantization="4bit", world_size=2, **kw)["weights_gb"] \
+        == qlora["weights_gb"]

@@ -20,25 +20,69 @@ def lora_parameter_count(preset: Preset, r: int, targets: tuple[str, ...]) -> in
     return preset.num_layers * sum(r * sum(dims[t]) for t in targets if t in dims)
 
 
-def estimate_training_memory_gb(preset: Preset, *, quantization: str, method: str, lora_r: int,
-                                lora_targets: tuple[str, ...], batch_size: int, max_length: int,
-                                gradient_checkpointing: bool) -> float:
-    """First-order peak memory of fine-tuning on one device, in GB (10^9 bytes).
+CUDA_CONTEXT_GB = 0.5      # CUDA context and allocator slack: memory max_memory_allocated omits
 
-    weights: 2 bytes/param (bf16), 0.55 (nf4 + double-quant constants) or 1.05 (int8);
-    trainable state: 16 bytes per trainable param (fp32 weight, grad, two Adam moments);
-    activations (bf16, SDPA, Korthikanti et al. 2022): 34·h bytes per token per layer, or
-    2·h per layer plus one layer's 34·h when checkpointing; logits: 8·vocab bytes per token
-    (fp32 logits and their gradient); plus 0.5 GB for the CUDA context and allocator slack.
+
+def estimate_training_memory(preset: Preset, *, quantization: str, method: str, lora_r: int,
+                             lora_targets: tuple[str, ...], batch_size: int, max_length: int,
+                             gradient_checkpointing: bool, world_size: int = 1) -> dict[str, float]:
+    """First-order peak memory of fine-tuning on one device, in GB (10^9 bytes), by part.
+
+    ``allocated_gb`` is what ``torch.cuda.max_memory_allocated`` measures; ``total_gb`` adds the
+    CUDA context and allocator slack (compare it with a GPU's memory).
+    - weights: the decoder's linear layers at 2 bytes/param (bf16), 0.55 (nf4 with double-quant
+      constants) or 1.05 (int8); the embeddings and LM head (not quantized) at 2 bytes, or 4
+      where k-bit training upcasts them to fp32;
+    - dequantization: a 4-/8-bit linear dequantizes its weight to bf16 for each matmul, forward
+      and backward: two copies of the largest one;
+    - trainable state: 16 bytes per trainable param (fp32 weight, gradient, two Adam moments);
+    - activations (bf16, SDPA; Korthikanti et al. 2022): 34·h bytes per token per layer, or 2·h
+      per layer plus one layer's 34·h with checkpointing;
+    - logits: 14·vocab bytes per token (bf16 logits, their fp32 copy, the fp32 log-softmax and
+      its gradient);
+    - FSDP over ``world_size`` devices shards bf16 weights and the trainable state; a 4-bit
+      model is loaded whole on every device before it is sharded, so it counts whole.
     """
-    bytes_per_param = {"none": 2.0, "8bit": 1.05, "4bit": 0.55}[quantization]
+    h, layers, vocab = preset.hidden_size, preset.num_layers, preset.vocab_size
+    outer = 2 * vocab * h                                   # embeddings + LM head
+    quantized = quantization != "none"
+    linear_bytes = {"none": 2.0, "8bit": 1.05, "4bit": 0.55}[quantization]
+    weights = (preset.params - outer) * linear_bytes + outer * (4 if quantized else 2)
+    if world_size > 1 and not quantized:
+        weights /= world_size
     trainable = preset.params if method == "full" else \
         lora_parameter_count(preset, lora_r, lora_targets)
     tokens = batch_size * max_length
-    h, layers = preset.hidden_size, preset.num_layers
     per_token = (2 * h * layers + 34 * h) if gradient_checkpointing else 34 * h * layers
-    activations = tokens * (per_token + 8 * preset.vocab_size)
-    return (preset.params * bytes_per_param + trainable * 16 + activations) / 1e9 + 0.5
+    parts = {"weights_gb": weights / 1e9,
+             "dequantization_gb": 2 * 2 * h * preset.intermediate_size / 1e9 if quantized else 0.0,
+             "trainable_state_gb": trainable * 16 / world_size / 1e9,
+             "activations_gb": tokens * per_token / 1e9,
+             "logits_gb": tokens * 14 * vocab / 1e9}
+    allocated = sum(parts.values())
+    return {**{k: round(v, 3) for k, v in parts.items()}, "allocated_gb": round(allocated, 3),
+            "cuda_context_gb": CUDA_CONTEXT_GB, "total_gb": round(allocated + CUDA_CONTEXT_GB, 3)}
+
+
+def cuda_bf16_native() -> bool:
+    """Whether a CUDA GPU is present that computes bf16 natively (Ampere and newer).
+    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only emulated (T4,
+    V100), which is slower than fp16 there."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def choose_dtype(requested: str = "auto"):
+    """The torch dtype for ``requested``; auto: bf16 on CPU (several times faster than fp32 there)
+    and on GPUs with native bf16, fp16 (with loss scaling in training) on older GPUs."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available() and not cuda_bf16_native():
+        return torch.float16
+    return torch.bfloat16
 
 
 def detect_hardware() -> dict[str, Any]:
@@ -51,8 +95,7 @@ def detect_hardware() -> dict[str, Any]:
             gpus.append({"index": i, "name": props.name,
                          "memory_gb": round(props.total_memory / 1e9, 1),
                          "compute_capability": f"{props.major}.{props.minor}"})
-    bf16 = bool(gpus) and torch.cuda.is_bf16_supported()
-    return {"cuda": bool(gpus), "gpus": gpus, "bf16": bf16 if gpus else True,
+    return {"cuda": bool(gpus), "gpus": gpus, "bf16": cuda_bf16_native() if gpus else True,
             "cpu_count": os.cpu_count()}
 
 

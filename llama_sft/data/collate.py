@@ -28,9 +28,10 @@ def pack_collate(batch: Sequence[Encoded]) -> dict[str, Any]:
     The model sees no attention mask; transformers derives the block-diagonal mask from the
     position_ids, so no example attends to another (forward with ``use_cache=False``). Each
     example starts with a masked prompt token, so no label crosses a boundary. The example
-    boundaries also go along as ``cu_seq_lens_q/k`` (transformers' varlen names), which
-    ``model.kernels.packed_attention`` uses to attend per example directly; other attention
-    implementations ignore them.
+    boundaries also go along as ``cu_seq_lens_q/k`` and the longest example as
+    ``max_length_q/k`` (transformers' varlen names, the lengths computed here on the host so the
+    GPU is never asked for them), which ``model.kernels.packed_attention`` uses to attend per
+    example directly; other attention implementations ignore them.
     """
     import itertools
 
@@ -40,10 +41,16 @@ def pack_collate(batch: Sequence[Encoded]) -> dict[str, Any]:
     labels = [t for e in batch for t in e.labels]
     positions = [p for e in batch for p in range(len(e))]
     bounds = torch.tensor([0, *itertools.accumulate(len(e) for e in batch)], dtype=torch.int32)
+    longest = max(len(e) for e in batch)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "cu_seq_lens_q": bounds,
-            "cu_seq_lens_k": bounds}
+            "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def collate(batch: Sequence[Encoded], pad_id: int, packing: bool) -> dict[str, Any]:
     return pack_collate(batch) if packing else pad_collate(batch, pad_id)
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """The batch's tensors moved to ``device``; other values (lengths as ints) as they are."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

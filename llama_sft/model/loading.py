@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_sft.adapter.directory import check_adapter_dir, recorded_base_model
+from llama_sft.config.hardware import choose_dtype
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.errors import UsageError
 from llama_sft.model.embedded import resolve_model_path
@@ -27,17 +28,6 @@ def quiet_library_noise() -> None:
 
 
 quiet_library_noise()
-
-
-def choose_dtype(requested: str = "auto"):
-    """bf16 where supported (CUDA Ampere+, and CPU, where it is ~4x faster), fp16 on older GPUs."""
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
 
 
 def load_tokenizer(name_or_path: str):
@@ -71,16 +61,26 @@ def quantization_config(quantization: str, compute_dtype):
     return None
 
 
-def load_base_model(name_or_path: str, *, dtype: str = "auto", quantization: str = "none",
+def load_base_model(name_or_path: str, *, dtype: Any = "auto", quantization: str = "none",
                     device_map: Any = None, attn_implementation: str = "sdpa"):
-    """Load a causal LM for training or inference through one path."""
+    """Load a causal LM for training or inference through one path.
+
+    ``dtype`` is a name (``choose_dtype``) or a torch dtype. ``device_map`` is transformers':
+    None loads a full-precision model onto the CPU, for the caller to place (training moves it
+    to its device, or leaves it to FSDP/ZeRO-3 to shard); "auto" spreads it over the GPUs (and
+    the CPU) when CUDA is present, and is the CPU otherwise. A quantized model is loaded where
+    it computes: the current GPU (or "auto"), else the CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = choose_dtype(dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dtype)
     quant = quantization_config(quantization, torch_dtype)
+    cuda = torch.cuda.is_available()
+    if device_map == "auto" and not cuda:
+        device_map = None
     if quant is not None and device_map is None:
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        device_map = {"": torch.cuda.current_device()} if cuda else {"": "cpu"}
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,16 +89,16 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", quantization: str
     except OSError as exc:
         raise UsageError(f"cannot load base model {name_or_path!r}: {str(exc).splitlines()[0]} "
                          f"(gated meta-llama models need `huggingface-cli login`)") from None
-    if device_map is None and torch.cuda.is_available():
-        model = model.cuda()
     return model
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count at their real size."""
+    """(trainable, total) parameter counts. A 4-bit weight packs two parameters into each byte of
+    its storage dtype (uint8, or the compute dtype with ``bnb_4bit_quant_storage``), so it holds
+    ``numel * element_size * 2`` of them."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        n = p.numel() * (2 * p.element_size() if p.__class__.__name__ == "Params4bit" else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -115,8 +115,11 @@ class LoadedModel:
 
 def load_for_inference(adapter_dir: str | os.PathLike | None = None, *,
                        base_model: str | None = None, quantization: str = "none",
-                       dtype: str = "auto") -> LoadedModel:
-    """Base + adapter (or the base alone), with the prompt format the adapter was trained with."""
+                       dtype: str = "auto", device_map: Any = "auto") -> LoadedModel:
+    """Base + adapter (or the base alone), with the prompt format the adapter was trained with.
+
+    ``device_map`` as ``load_base_model`` takes it: by default the model is spread over the GPUs
+    when there are any (so a model larger than one GPU still loads), else on the CPU."""
     from peft import PeftModel
 
     adapter = Path(adapter_dir) if adapter_dir else None
@@ -133,7 +136,7 @@ def load_for_inference(adapter_dir: str | os.PathLike | None = None, *,
         base = base_model
         tokenizer = load_tokenizer(base)
         fmt = PromptFormat.for_tokenizer(tokenizer)
-    model = load_base_model(base, dtype=dtype, quantization=quantization)
+    model = load_base_model(base, dtype=dtype, quantization=quantization, device_map=device_map)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.eval()

@@ -16,10 +16,12 @@ log = logging.getLogger("llama_package")
 
 def merge_adapter(adapter_dir: Path, base_model: str, out_dir: Path, *,
                   dtype: str = "auto") -> Path:
-    """Fold the LoRA weights into the (unquantized) base and save a plain safetensors model."""
+    """Fold the LoRA weights into the (unquantized) base and save a plain safetensors model.
 
-    log.info("merging the adapter into %s (%s) ...", base_model, dtype)
-    loaded = load_for_inference(adapter_dir, base_model=base_model, dtype=dtype)
+    The merge runs on the CPU: it needs the whole base model in memory once, which host RAM
+    holds where one GPU often cannot (a 70B model is 138 GB in bf16)."""
+    log.info("merging the adapter into %s (%s, on the CPU) ...", base_model, dtype)
+    loaded = load_for_inference(adapter_dir, base_model=base_model, dtype=dtype, device_map=None)
     merged = loaded.model.merge_and_unload()
     with atomic_output_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

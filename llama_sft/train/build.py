@@ -10,12 +10,14 @@ from llama_sft.config.settings import RunConfig
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.model.kernels.memory import retain_freed_memory
 from llama_sft.model.kernels.packed_attention import packed_attention
+from llama_sft.model.kernels.selection import kernels_for
 from llama_sft.model.loading import count_parameters, load_base_model, load_tokenizer
 from llama_sft.model.lora import attach_lora
 from llama_sft.train.callbacks import TrainerCallback
 from llama_sft.train.distributed import (_not_deepspeed_cpu_notice, check_distributed_setup,
                                          make_accelerator)
 from llama_sft.train.examples import prepare_data
+from llama_sft.train.precision import allow_tf32, choose_precision
 from llama_sft.train.trainer import Trainer
 
 
@@ -25,37 +27,39 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
                   stage: str = "train", progress: bool = True,
                   callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     """Load tokenizer and model (``llama_sft.model``), tokenize, and return a ready Trainer."""
-    import torch
     from transformers import set_seed
 
     logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_notice)
     accelerator = make_accelerator(cfg)
     check_distributed_setup(accelerator)   # before loading anything
-    kernels = cfg.model.kernels
-    if accelerator.device.type == "cpu" and "retain_memory" in kernels:
+    device_type = accelerator.device.type
+    sharded = accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+    kernels = kernels_for(cfg.model.kernels, device_type, sharded)
+    precision = choose_precision(cfg.model.dtype, cfg.model.method, device_type)
+    if device_type == "cuda":
+        allow_tf32()
+    if "retain_memory" in kernels:
         retain_freed_memory()
     set_seed(cfg.optim.seed)
     tokenizer = load_tokenizer(cfg.base_model)
     fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data.prompt_style)
     data = prepare_data(cfg, tokenizer, fmt, train_records, eval_records, sample_records)
     quantized = cfg.model.quantization != "none"
-    device_map = {"": accelerator.device} if quantized else None
-    model = load_base_model(cfg.base_model, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
-                            device_map=device_map,
+    model = load_base_model(cfg.base_model, dtype=precision.weights,
+                            quantization=cfg.model.quantization,
+                            device_map=base_device_map(accelerator, quantized),
                             attn_implementation=packed_attention() if cfg.data.packing
                             and "packed_attention" in kernels else "sdpa")
     if cfg.model.method == "full":
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        if model.dtype != torch.float32:
-            model = model.float()  # full fine-tuning keeps fp32 master weights
     else:
         model = attach_lora(model, cfg.lora, quantized=quantized,
                             gradient_checkpointing=cfg.model.gradient_checkpointing,
                             kernels=kernels)
-    if not quantized:
-        model = model.to(accelerator.device)
+    if not (quantized or sharded):
+        model = model.to(accelerator.device)   # FSDP and ZeRO-3 place their own shards
     trainable, total = count_parameters(model)
     if accelerator.distributed_type == "DEEPSPEED":    # zero.Init left each base weight empty
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -65,7 +69,21 @@ def build_trainer(cfg: RunConfig, output_dir: Path, *, train_records, eval_recor
     return Trainer(cfg, output_dir, data, model=model, tokenizer=tokenizer, fmt=fmt,
                    accelerator=accelerator, inputs=inputs, report_to=report_to,
                    wandb_project=wandb_project, stage=stage, progress=progress,
-                   callbacks=callbacks)
+                   callbacks=callbacks, precision=precision)
+
+
+def base_device_map(accelerator, quantized: bool):
+    """Where the base model loads: a quantized one on this process's device; under FSDP with
+    cpu_ram_efficient_loading, on the meta device in every process but the main one (which
+    broadcasts the weights as FSDP shards them), so no other process holds the whole model;
+    else on the CPU, to be moved or sharded."""
+    if quantized:
+        return {"": accelerator.device}
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if (accelerator.distributed_type == "FSDP" and plugin is not None
+            and plugin.cpu_ram_efficient_loading and not accelerator.is_main_process):
+        return {"": "meta"}
+    return None
 
 
 def is_oom(exc: BaseException) -> bool:

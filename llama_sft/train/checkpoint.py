@@ -144,7 +144,8 @@ def save_checkpoint(trainer) -> Path:
             save_file(weights, tmp / "weights.safetensors")
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             write_json(tmp / "optimizer.json", {
-                "optimizer": opt_meta, "scheduler": trainer.scheduler.state_dict()})
+                "optimizer": opt_meta, "scheduler": trainer.scheduler.state_dict(),
+                **({"scaler": trainer.scaler.state_dict()} if trainer.scaler else {})})
             save_file(rng, tmp / "rng.safetensors")
             best = trainer.out / BEST_WEIGHTS
             if best.exists():
@@ -193,6 +194,11 @@ def load_checkpoint(trainer, path: Path) -> None:
     load_optimizer = _load_zero3_optimizer_state if trainer.deepspeed else _load_optimizer_state
     load_optimizer(trainer.optimizer, trainer.trainable, opt_tensors, meta["optimizer"])
     trainer.scheduler.load_state_dict(meta["scheduler"])
+    if trainer.scaler is not None:
+        if "scaler" not in meta:
+            raise UsageError(f"cannot resume from {path}: optimizer.json lacks the fp16 loss "
+                             f"scaler's state (refusing to restart it silently)")
+        trainer.scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(rng.get(f"torch_rank{trainer.rank}", rng["torch"]))
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(rng) if re.fullmatch(r"cuda\d+", k)]

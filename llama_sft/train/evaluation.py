@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llama_sft.data.collate import collate
+from llama_sft.data.collate import collate, to_device
 from llama_sft.model.generation.batch import generate_batch
 from llama_sft.train.loss import supervised_loss
 
@@ -29,9 +29,10 @@ def evaluate(trainer) -> dict[str, Any]:
             weight = 1 if chunk else 0
             chunk = chunk or trainer.data.eval[:1]
             n = sum(e.num_supervised for e in chunk)
-            batch = {k: v.to(trainer.acc.device) for k, v in
-                     collate(chunk, pad_id, trainer.cfg.data.packing).items()}
-            loss_sum += float(supervised_loss(trainer.model, batch, n)) * n * weight
+            batch = to_device(collate(chunk, pad_id, trainer.cfg.data.packing), trainer.acc.device)
+            with trainer.precision.autocast_context():
+                loss = supervised_loss(trainer.model, batch, n)
+            loss_sum += float(loss) * n * weight
             items += n * weight
     if trainer.world > 1:
         totals = trainer.acc.reduce(torch.tensor([loss_sum, float(items)],

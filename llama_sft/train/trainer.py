@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from llama_sft.cli import log
 from llama_sft.config.settings import RunConfig
-from llama_sft.data.collate import collate
+from llama_sft.data.collate import collate, to_device
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.data.tokenize import Encoded
 from llama_sft.errors import EXIT_GATE, EXIT_INTERRUPTED, PipelineError, UsageError
@@ -36,6 +36,7 @@ from llama_sft.train.examples import TrainData
 from llama_sft.train.final_model import TrainResult, finish
 from llama_sft.train.loss import supervised_loss
 from llama_sft.train.optim import clip_grad_norm, lr_lambda
+from llama_sft.train.precision import Precision
 from llama_sft.train.signals import GracefulStop
 
 
@@ -54,7 +55,7 @@ class Trainer:
                  fmt: PromptFormat, accelerator, inputs: dict[str, Any] | None = None,
                  report_to: tuple[str, ...] = (), wandb_project: str = "llama-sft",
                  stage: str = "train", progress: bool = True,
-                 callbacks: Sequence[TrainerCallback] = ()):
+                 callbacks: Sequence[TrainerCallback] = (), precision: Precision | None = None):
         import torch
 
         self.cfg, self.out, self.data = cfg, Path(output_dir), data
@@ -64,6 +65,7 @@ class Trainer:
         self.report_to, self.wandb_project, self.stage = report_to, wandb_project, stage
         self.progress = progress
         self.callbacks = list(callbacks)
+        self.precision = precision or Precision(model.dtype, None, False, accelerator.device.type)
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.is_main = accelerator.is_main_process
@@ -75,29 +77,44 @@ class Trainer:
         # FSDP2 (DTensor) or ZeRO-3 (partitioned) parameters: every forward and every gather
         # of a whole parameter is a collective that all ranks join
         self.sharded = accelerator.distributed_type == "FSDP" or self.deepspeed
-        # torch's fused AdamW updates every parameter in one kernel; sharded parameters keep
-        # the default implementation.
-        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable],
-                                           lr=cfg.optim.learning_rate,
-                                           weight_decay=cfg.optim.weight_decay,
-                                           fused=None if self.sharded else True)
         self.micro_per_epoch = math.ceil(len(data.train) / (cfg.optim.batch_size * self.world))
         self.steps_per_epoch = max(1, self.micro_per_epoch // cfg.optim.gradient_accumulation_steps)
         self.total_steps = cfg.optim.max_steps or self.steps_per_epoch * cfg.optim.num_epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_lambda(cfg, self.total_steps))
         check_distributed_setup(accelerator)
-        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        optimizer = self._adamw()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                           lr_lambda(cfg, self.total_steps))
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         # FSDP2 swaps each parameter for a sharded DTensor, ZeRO-3 empties it and keeps this
         # rank's partition aside: same names, same order.
         self.trainable = [(n, p) for n, p in accelerator.unwrap_model(self.model).named_parameters()
                           if p.requires_grad]
+        if accelerator.distributed_type == "FSDP":
+            # accelerate pairs old and sharded parameters by storage address, which parameters
+            # on the meta device (every process but the main one, see train.build) do not have:
+            # give the optimizer the sharded parameters by name (it holds no state yet)
+            optimizer.param_groups[0]["params"] = [p for _, p in self.trainable]
         if self.is_main and self.world > 1:
             log(describe_distribution(accelerator, self.model))
         self.state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "bad_steps": 0,
                       "best_eval_loss": None, "best_step": None, "first_eval_loss": None,
                       "evals_without_improvement": 0, "tokens_seen": 0, "stopped_early": False}
         self.stop = GracefulStop()
+        # fp16: accelerate's scaler when `accelerate launch --mixed_precision fp16` made one (its
+        # backward then scales the loss), else ours; DeepSpeed scales inside its engine
+        self.own_scaler = self.precision.loss_scaling and accelerator.scaler is None \
+            and not self.deepspeed
+        self.scaler = torch.amp.GradScaler(self.precision.device_type) if self.own_scaler \
+            else accelerator.scaler
+
+    def _adamw(self):
+        """AdamW over the trainable parameters: torch's fused kernel (every parameter in one
+        call) unless they are sharded."""
+        import torch
+
+        return torch.optim.AdamW([p for _, p in self.trainable], lr=self.cfg.optim.learning_rate,
+                                 weight_decay=self.cfg.optim.weight_decay,
+                                 fused=None if self.sharded else True)
 
     # -- data order ------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -122,7 +139,8 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, Any], num_items):
-        return supervised_loss(self.model, batch, num_items)
+        with self.precision.autocast_context():
+            return supervised_loss(self.model, batch, num_items)
 
     def train_step(self, micro: list[list[Encoded]]) -> dict[str, float]:
         import torch
@@ -137,8 +155,7 @@ class Trainer:
         total_loss = torch.zeros((), device=device)
         self.model.train()
         for i, mb in enumerate(micro):
-            batch = {k: v.to(device) for k, v in
-                     collate(mb, pad_id, self.cfg.data.packing).items()}
+            batch = to_device(collate(mb, pad_id, self.cfg.data.packing), device)
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
             with ctx:
@@ -151,19 +168,28 @@ class Trainer:
         if self.deepspeed:
             grad_norm = self.engine_step()
         else:
+            if self.scaler is not None:     # clipping and the norm see the true gradients
+                self.scaler.unscale_(self.optimizer.optimizer)
             grad_norm = clip_grad_norm([p for _, p in self.trainable], self.cfg.optim.max_grad_norm)
         loss_value, norm_value = float(total_loss), float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
-            self.optimizer.step()           # a no-op under DeepSpeed: engine_step() did it
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer.optimizer)
+            else:
+                self.optimizer.step()       # a no-op under DeepSpeed: engine_step() did it
             self.scheduler.step()
+        if self.scaler is not None:         # after an overflow the scale backs off
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        # fp16: a finite loss with infinite gradients is the loss scale overflowing, not divergence
+        overflow = self.scaler is not None and math.isfinite(loss_value) and not finite
         return {"loss": loss_value, "grad_norm": norm_value, "finite": finite, "tokens": tokens,
-                "supervised_tokens": float(items)}
+                "supervised_tokens": float(items), "overflow": overflow}
 
     def backward(self, loss, *, last_micro_batch: bool) -> None:
         if not self.deepspeed:
-            self.acc.backward(loss)
+            self.acc.backward(self.scaler.scale(loss) if self.own_scaler else loss)
             return
         # accelerate's backward would also step the engine after every micro-batch: drive the
         # engine directly. The loss is already this micro-batch's share of the whole step.
@@ -234,18 +260,24 @@ class Trainer:
         self.state["epoch"], self.state["micro_in_epoch"] = epoch, m + 1
         if self.state["micro_in_epoch"] >= self.steps_per_epoch * accum:
             self.state["epoch"], self.state["micro_in_epoch"] = epoch + 1, 0
+        if stats["overflow"]:
+            log(f"step {self.state['step'] + 1}: fp16 gradients overflowed, step skipped; loss "
+                f"scale now {self.scaler.get_scale():g}")
+            return False
         if not stats["finite"]:
             self.skip_step()
             return False
         self.state["step"] += 1
         self.state["tokens_seen"] += stats["tokens"]
         step = self.state["step"]
-        self.emit("on_step_end", {
-            "time": round(time.time(), 3), "step": step,
-            "epoch": round(step / self.steps_per_epoch, 4), "loss": stats["loss"],
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
-            "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt, "memory_mb": _memory_mb(),
-            "bad_steps": self.state["bad_steps"]}, stats)
+        row = {"time": round(time.time(), 3), "step": step,
+               "epoch": round(step / self.steps_per_epoch, 4), "loss": stats["loss"],
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
+               "tokens_per_s": stats["tokens"] / dt, "step_time_s": dt, "memory_mb": _memory_mb(),
+               "bad_steps": self.state["bad_steps"]}
+        if self.scaler is not None:
+            row["loss_scale"] = self.scaler.get_scale()
+        self.emit("on_step_end", row, stats)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}")
         return True
