@@ -38,7 +38,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_train import flops_per_token, machine_info, matmul_params  # noqa: E402
+from bench_train import (csv_list, flops_per_token, log, machine_info,  # noqa: E402
+                         matmul_params)
 from llama_sft.errors import PipelineError, UsageError, run_main  # noqa: E402
 from llama_sft.files import now_iso, write_json  # noqa: E402
 
@@ -61,14 +62,6 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                            "down_proj"]}
 LEARNING_RATE = 1e-4
 TARGETS = {"ours_vs_trl_tokens_per_s": 1.3, "qlora_7b_reserved_gb": 8.0, "first5_loss_diff": 0.02}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
