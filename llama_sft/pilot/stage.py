@@ -47,7 +47,7 @@ def run(args) -> int:
             torch.cuda.is_available():
         args.use_4bit = True  # pilot default: QLoRA where CUDA is present
     cfg = config_from_args(args, stage_defaults=pilot_defaults(args.max_steps))
-    report_targets(args)               # a bad --report-to fails before anything is loaded
+    targets = report_targets(args)      # a bad --report-to fails before anything is loaded
     check_runnable(cfg)
     lo, hi = (float(x) for x in args.supervised_ratio.split(","))
     verify_file_against_manifest(args.golden_set)
@@ -60,7 +60,7 @@ def run(args) -> int:
     report: dict[str, Any] = {"stage": "pilot", "created": now_iso(), "config": cfg.to_dict(),
                               "golden_set": str(args.golden_set), "golden_examples": len(golden)}
     if next(c for c in checks if c.name == "zero_label_examples").value < len(golden):
-        report.update(train_and_check(args, cfg, golden, tokenizer, fmt, checks))
+        report.update(train_and_check(args, cfg, targets, golden, tokenizer, fmt, checks))
     verdict = "go" if all(c.passed for c in checks) else "no-go"
     report["verdict"] = verdict
     report["failed_checks"] = [c.name for c in checks if not c.passed]
@@ -71,15 +71,15 @@ def run(args) -> int:
     return EXIT_OK if verdict == "go" else EXIT_GATE
 
 
-def train_and_check(args, cfg, golden: list[dict], tokenizer, fmt, checks: list[Check]
-                    ) -> dict[str, Any]:
+def train_and_check(args, cfg, targets: tuple[str, ...], golden: list[dict], tokenizer, fmt,
+                    checks: list[Check]) -> dict[str, Any]:
     """Train on the golden set, add the learning, capacity, stopping and resource checks to
     ``checks``, and return the report's training sections."""
     out = Path(args.output_dir)
     rows = RowRecorder()
     t0 = time.time()
     trainer = build_trainer(cfg, out, train_records=golden, eval_records=golden,
-                            sample_records=[], report_to=report_targets(args), stage="pilot",
+                            sample_records=[], report_to=targets, stage="pilot",
                             wandb_project=args.wandb_project, progress=not args.no_progress,
                             inputs=describe_inputs({"golden_set": args.golden_set}),
                             callbacks=[rows])
