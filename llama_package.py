@@ -25,13 +25,15 @@ allowlisted files: the adapter (``adapter_config.json``,
 ``.netrc``, links leaving the adapter dir and token-shaped strings fail the build, naming the file.
 The same inputs give a byte-identical archive; ``<archive>.sha256`` beside it works with
 ``sha256sum -c``. ``--merge`` also writes ``<name>-<version>-merged/`` (LoRA folded into the base,
-safetensors, loads with plain ``AutoModelForCausalLM``); ``--gguf`` writes
-``<name>-<version>.f16.gguf`` from the merged model (LLaMA with plain RoPE and a byte-level BPE
-tokenizer, e.g. SmolLM2 or Llama 3; others: llama.cpp's convert_hf_to_gguf.py). The output dir
-gets ``manifest.json`` (stage "package").
+safetensors, loads with plain ``AutoModelForCausalLM``); ``--gguf f16,q8_0,q4_k_m`` writes
+``<name>-<version>.<type>.gguf`` from the merged model with llama.cpp's own converter and
+quantizer (Llama 2, Llama 3, SmolLM2); ``--onnx`` writes ``<name>-<version>-onnx/`` for
+onnxruntime. Every export is listed with its sha256 in the archive's ``metadata.json`` and in
+``SHA256SUMS`` beside the archive. The output dir gets ``manifest.json`` (stage "package").
 
 ``--verify`` checks gzip/tar integrity, the allowlist, member types and paths, size caps and every
-checksum without writing anything. ``--extract`` verifies first, then extracts with tarfile's
+checksum without writing anything, and the exports found beside the archive against the sha256
+its metadata lists. ``--extract`` verifies first, then extracts with tarfile's
 ``data`` filter into a temporary directory that is renamed into place, so a failed extraction leaves
 nothing. Damaged or hostile archives exit 65 with one line saying why.
 """
@@ -42,6 +44,7 @@ import sys
 
 from llama_sft.adapter.archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS
 from llama_sft.errors import run_main
+from llama_sft.package.gguf import parse_gguf_types
 from llama_sft.package.stage import run
 
 
@@ -70,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-dtype", default="auto",
                         choices=("auto", "bfloat16", "float16", "float32"),
                         help="dtype of the merged model (auto: the training dtype, else bf16/fp16)")
-    parser.add_argument("--gguf", action="store_true",
-                        help="also export the merged model to GGUF (f16)")
+    parser.add_argument("--gguf", nargs="?", const="f16", default=None, type=parse_gguf_types,
+                        metavar="TYPES",
+                        help="also export the merged model to GGUF with llama.cpp: f16, q8_0, "
+                             "q4_k_m or a comma list (bare --gguf: f16)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export the merged model to ONNX (fp32, KV cache) for "
+                             "onnxruntime")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="upload the package to this hub repo (needs a token)")
     parser.add_argument("--public", action="store_true",

@@ -59,7 +59,7 @@ def stage_commands(args, wd: Path) -> list[tuple[str, list[str]]]:
                       str(args.max_new_tokens), "--output", str(report)]),
         ("package", [py, "llama_package.py", "--adapter-path", f"{train}/final_model",
                      "--model-size", args.model_size, "--output-dir", str(packages),
-                     "--evaluation", str(report)]),
+                     "--evaluation", str(report), "--gguf", "f16,q8_0"]),
     ]
 
 

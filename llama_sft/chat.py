@@ -71,7 +71,8 @@ def answer(loaded, instruction: str, context: str, settings: ChatSettings):
     return generate_batch(loaded.model, loaded.tokenizer, [prompt],
                           max_new_tokens=settings.max_new_tokens,
                           temperature=settings.temperature, top_p=settings.top_p,
-                          streamer=streamer)[0]
+                          streamer=streamer,
+                          stop_ids=loaded.prompt_format.stop_ids(loaded.tokenizer))[0]
 
 
 def demo_prompts(dataset: str | None, count: int) -> list[dict[str, Any]]:

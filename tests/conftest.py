@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, random_adapter
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,31 +41,24 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, embedded_dir) -> dict[str, Path]:
+    """Tiny random-weight models of each family's shape on its real vocabulary (built lazily):
+    ``family_dirs["llama2"]``, ``["llama3"]``, ``["smollm2"]``."""
+    from llama_sft.model.tiny import save_tiny_llama
+
+    class Lazy(dict):
+        def __missing__(self, family):
+            self[family] = save_tiny_llama(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+            return self[family]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A final_model/-shaped adapter directory on the tiny model (random LoRA weights)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from llama_sft.config.settings import resolve_config
-    from llama_sft.data.prompt_format import PromptFormat
-    from llama_sft.files import write_json, write_manifest
-    from llama_sft.model.loading import load_base_model, load_tokenizer
-
     out = tmp_path_factory.mktemp("adapter") / "final_model"
-    out.mkdir()
-    torch.manual_seed(1)
-    model = load_base_model(str(tiny_model_dir), dtype="float32")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    tokenizer.save_pretrained(out)
-    PromptFormat.for_tokenizer(tokenizer).save(out)
-    cfg = resolve_config("135m", overrides={"base_model": str(tiny_model_dir), "lora_r": 4,
-                                            "lora_alpha": 8, "dtype": "float32"})
-    write_json(out / "training_config.json", cfg.to_dict())
-    write_manifest(out, stage="train", config=cfg.to_dict())
-    return out
+    return random_adapter(tiny_model_dir, out)
 
 
 @pytest.fixture

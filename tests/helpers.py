@@ -33,3 +33,32 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
         for r in records:
             fh.write(json.dumps(r) + "\n")
     return path
+
+
+def random_adapter(model_dir: Path, out: Path, *, style: str = "auto",
+                   target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A final_model/-shaped adapter directory on ``model_dir`` with random (non-zero) LoRA
+    weights, so that merging it changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llama_sft.config.settings import resolve_config
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.files import write_json, write_manifest
+    from llama_sft.model.loading import load_base_model, load_tokenizer
+
+    out.mkdir(parents=True)
+    torch.manual_seed(1)
+    model = load_base_model(str(model_dir), dtype="float32")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules),
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.save_pretrained(out)
+    PromptFormat.for_tokenizer(tokenizer, style=style).save(out)
+    cfg = resolve_config("135m", overrides={"base_model": str(model_dir), "lora_r": 4,
+                                            "lora_alpha": 8, "dtype": "float32"})
+    write_json(out / "training_config.json", cfg.to_dict())
+    write_manifest(out, stage="train", config=cfg.to_dict())
+    return out

@@ -41,10 +41,19 @@ def formats(tok):
             for style in ("chat_template", "instruction", "llama2")}
 
 
+def in_context(tok, fmt, record) -> tuple[list[int], list[int]]:
+    """Prompt ids, and the response's ids as the full text (prompt, prefix, response) has them."""
+    text = fmt.render(tok, record["instruction"], record.get("context") or "")
+    prompt = fmt.encode_prompt(tok, record["instruction"], record.get("context") or "")
+    full = tok(text + fmt.response_prefix + record["response"],
+               add_special_tokens=fmt.adds_special_tokens)["input_ids"]
+    assert full[:len(prompt)] == prompt
+    return prompt, full[len(prompt):]
+
+
 def check_masking(tok, fmt, record, enc):
     """The invariants every encoded example satisfies."""
-    prompt = fmt.encode_prompt(tok, record["instruction"], record.get("context") or "")
-    response = tok(record["response"], add_special_tokens=False)["input_ids"]
+    prompt, response = in_context(tok, fmt, record)
     n = len(prompt)
     assert enc.input_ids[:n] == prompt
     assert enc.labels[:n] == [IGNORE_INDEX] * n
@@ -101,8 +110,7 @@ def test_batch_encoding_matches_the_tokenizer_call(tok, formats):
     for fmt in formats.values():
         prompts, responses = tokenize_batch(tok, fmt, records)
         for record, p_ids, r_ids in zip(records, prompts, responses):
-            assert p_ids == fmt.encode_prompt(tok, record["instruction"], record["context"])
-            assert r_ids == tok(record["response"], add_special_tokens=False)["input_ids"]
+            assert (p_ids, r_ids) == in_context(tok, fmt, record)
         assert count_tokens_batch(tok, fmt, records) == ([len(p) for p in prompts],
                                                          [len(r) for r in responses])
     truncating = copy.deepcopy(tok)          # a tokenizer.json may ship with truncation on
@@ -152,7 +160,8 @@ def test_masking_property(tok, formats, instruction, context, response, style):
     prompt, response_ids = check_masking(tok, fmt, record, enc)
     assert enc.input_ids[len(prompt):] == response_ids + [tok.eos_token_id]
     assert enc.num_supervised == len(response_ids) + 1
-    assert tok.decode(response_ids, clean_up_tokenization_spaces=False) == response
+    assert tok.decode(response_ids, clean_up_tokenization_spaces=False) == \
+        fmt.response_prefix + response
     assert encode_batch(tok, fmt, [record], 4096) == [enc]
 
 
@@ -162,8 +171,8 @@ def test_masking_property(tok, formats, instruction, context, response, style):
 def test_length_policies_property(tok, formats, instruction, response, max_length, policy):
     fmt = formats["instruction"]
     record = {"instruction": instruction, "context": "", "response": response}
-    prompt = fmt.encode_prompt(tok, instruction)
-    full = len(prompt) + len(tok(response, add_special_tokens=False)["input_ids"]) + 1
+    prompt, response_ids = in_context(tok, fmt, record)
+    full = len(prompt) + len(response_ids) + 1
     enc = encode_example(tok, fmt, record, max_length, policy)
     assert encode_batch(tok, fmt, [record], max_length, policy) == [enc]
     if full <= max_length:

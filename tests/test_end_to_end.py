@@ -113,3 +113,39 @@ def test_main_job_on_embedded_model(tmp_path):
     assert summary["pilot_verdict"] == "go"
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert summary["exact_match_finetuned"] >= summary["exact_match_base"] + 0.3
+    _check_demo_gguf(tmp_path)
+
+
+def _check_demo_gguf(wd: Path) -> None:
+    """The main job's GGUF files in llama.cpp against the fine-tuned model in transformers, on the
+    golden prompts: f16 gives the same 16 greedy tokens wherever transformers' top-2 gap stays
+    clear of rounding; q8_0's agreement is reported."""
+    import torch
+
+    from llama_sft.data.records import read_sft_jsonl
+    from llama_sft.model.loading import load_for_inference
+    from llama_sft.package import gguf
+
+    loaded = load_for_inference(wd / "training_output" / "final_model", dtype="float32",
+                                device_map=None)
+    model, tok, fmt = loaded.model, loaded.tokenizer, loaded.prompt_format
+    f16, q8 = (gguf.load(next((wd / "packages").glob(f"*.{t}.gguf")), n_ctx=512)
+               for t in ("f16", "q8_0"))
+    clear = same_f16 = same_q8 = 0
+    for record in read_sft_jsonl(str(wd / "sft_output" / "golden_set.jsonl"), None)[:24]:
+        prompt = fmt.encode_prompt(tok, record["instruction"], record.get("context") or "")
+        ids, gap = list(prompt), float("inf")
+        with torch.no_grad():
+            for _ in range(16):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                top = torch.topk(logits, 2).values
+                gap = min(gap, float(top[0] - top[1]))
+                ids.append(int(logits.argmax()))
+        want = ids[len(prompt):]
+        same_q8 += gguf.greedy(q8, prompt, 16, []) == want
+        if gap > 0.05:
+            clear += 1
+            same_f16 += gguf.greedy(f16, prompt, 16, []) == want
+    print(f"demo GGUF: f16 identical on {same_f16}/{clear} clear-margin golden prompts; q8_0 "
+          f"identical on {same_q8}/24")
+    assert clear >= 12 and same_f16 == clear

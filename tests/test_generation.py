@@ -78,7 +78,7 @@ def test_rows_leave_at_eos_and_keep_generate_ids(chatty):
     ids, mask = left_padded(prompts, 0)
     eos = shared_eos(reference(model, ids, mask, 24, eos=-1, pad=0))
     want = reference(model, ids, mask, 24, eos=eos, pad=0)
-    got = greedy_continuous(model, prompts, max_new_tokens=24, eos_id=eos, pad_id=0,
+    got = greedy_continuous(model, prompts, max_new_tokens=24, stop_ids={eos}, pad_id=0,
                             batch_size=len(prompts))
     assert got == want
     assert len({len(row) for row in got}) > 1 and min(map(len, got)) < 24
@@ -91,7 +91,7 @@ def test_waiting_prompts_join_the_running_batch(chatty, batch_size, prefill_toke
     model, prompts = chatty
     eos = shared_eos(alone(model, prompts, 20, eos=-1, pad=0))
     want = alone(model, prompts, 20, eos, 0)
-    got, prefills = greedy_continuous(model, prompts, max_new_tokens=20, eos_id=eos, pad_id=0,
+    got, prefills = greedy_continuous(model, prompts, max_new_tokens=20, stop_ids={eos}, pad_id=0,
                                       batch_size=batch_size, count_prefills=True,
                                       prefill_tokens=prefill_tokens)
     assert got == want
@@ -162,7 +162,7 @@ def test_processor_config_falls_back_to_generate(tiny):
     model.generation_config.repetition_penalty = 1.3
     try:
         got = generate_batch(model, tok, prompts, max_new_tokens=12)
-        plain = greedy_continuous(model, prompts, max_new_tokens=12, eos_id=tok.eos_token_id,
+        plain = greedy_continuous(model, prompts, max_new_tokens=12, stop_ids={tok.eos_token_id},
                                   pad_id=tok.pad_token_id, batch_size=2)
         assert [g.token_ids for g in got] != [[t for t in r if t != tok.eos_token_id]
                                                for r in plain]

@@ -640,14 +640,16 @@ def test_merge_writes_a_plain_model_with_the_same_greedy_outputs(tiny_adapter_di
 
     merged_dir = merged_package / f"{FOLDER}-merged"
     assert {p.name for p in merged_package.iterdir()} == {
-        ARCHIVE, f"{ARCHIVE}.sha256", "manifest.json", merged_dir.name, f"{FOLDER}.f16.gguf"}
+        ARCHIVE, f"{ARCHIVE}.sha256", "manifest.json", merged_dir.name, f"{FOLDER}.f16.gguf",
+        "SHA256SUMS"}
     assert {"config.json", "model.safetensors", "tokenizer.json", "prompt_format.json"} <= \
         {p.name for p in merged_dir.iterdir()}
     with safe_open(merged_dir / "model.safetensors", "pt") as fh:
         assert not [k for k in fh.keys() if "lora" in k]
     manifest = read_json(merged_package / "manifest.json")
-    assert manifest["package"]["merged_model"] == merged_dir.name
-    assert manifest["package"]["gguf"] == f"{FOLDER}.f16.gguf"
+    exports = {e["path"]: e["kind"] for e in manifest["package"]["exports"]}
+    assert exports[f"{merged_dir.name}/model.safetensors"] == "merged"
+    assert exports[f"{FOLDER}.f16.gguf"] == "gguf"
     assert f"{merged_dir.name}/model.safetensors" in manifest["files"]
 
     loaded = load_for_inference(tiny_adapter_dir, dtype="float32")

@@ -218,7 +218,33 @@ def verify_package(archive: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_B
             "name": metadata.get("name"), "version": metadata.get("version"),
             "base_model": metadata.get("base_model"), "model_size": metadata.get("model_size"),
             "files": dict(sorted(hashes.items())), "bytes": check.total,
-            "members": check.count}
+            "members": check.count, "exports": metadata.get("exports") or []}
+
+
+def verify_exports(info: dict[str, Any]) -> str:
+    """Check the exports the package's metadata lists (merged model, GGUF, ONNX) that lie beside
+    the archive against their sha256 (raises DataError on a mismatch); a summary for the log.
+
+    An export that is not there is no error: an archive copied on its own is still whole."""
+    exports = info.get("exports") or []
+    if not exports:
+        return ""
+    where = Path(info["archive"]).parent
+    absent = []
+    for entry in exports:
+        rel = PurePosixPath(str(entry.get("path", "")))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise DataError(f"{info['archive']}: the metadata lists an export outside the "
+                            f"package's directory ({rel})")
+        path = where / rel
+        if not path.is_file():
+            absent.append(entry["path"])
+        elif sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path} does not match the sha256 the package lists for it; the "
+                            f"export is damaged or was altered")
+    checked = len(exports) - len(absent)
+    return (f"; exports: {checked} of {len(exports)} files verified"
+            + (f" ({len(absent)} not beside the archive)" if absent else ""))
 
 
 def extract_package(archive: str | os.PathLike, dest: str | os.PathLike, *,

@@ -12,17 +12,18 @@ from llama_sft.data.tokenize import IGNORE_INDEX, Encoded, encode_example, token
 def split_stats(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]],
                 max_length: int) -> dict[str, dict[str, Any]]:
     """Per split: ``token_stats`` of the examples training keeps, how many it drops, and how many
-    kept examples do not supervise EOS (0 unless their response was truncated)."""
+    kept examples do not supervise the terminator (0 unless their response was truncated)."""
     by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_split[record.get("split") or "train"].append(record)
-    eos = tokenizer.eos_token_id
+    terminator = fmt.terminator_id(tokenizer)
     out = {}
     for split, group in sorted(by_split.items()):
         encoded = [encode_example(tokenizer, fmt, r, max_length) for r in group]
         kept = [e for e in encoded if e is not None and e.num_supervised]
         out[split] = {**token_stats(kept), "dropped": len(group) - len(kept),
-                      "without_eos_label": sum(eos not in supervised_ids(e) for e in kept)}
+                      "without_eos_label": sum(terminator not in supervised_ids(e)
+                                                 for e in kept)}
     return out
 
 

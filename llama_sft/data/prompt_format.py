@@ -18,8 +18,11 @@ PROMPT_STYLES = ("auto",) + STYLES       # what a user may ask for; auto picks o
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_CONTEXT_TEMPLATE = ("### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n"
                                 "### Response:\n")
-LLAMA2_TEMPLATE = "[INST] {user} [/INST] "
-LLAMA2_SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] "
+# Meta's Llama 2 chat format: the prompt ends at [/INST]; the answer follows after one space
+# (``response_prefix``), so SentencePiece tokenizes its first word as "▁word" in training and in
+# generation alike.
+LLAMA2_TEMPLATE = "[INST] {user} [/INST]"
+LLAMA2_SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
 _SENTINEL = "\ue000"                     # a private-use character no template mentions
 _TEMPLATE_PROBES = ("x", "  padded both ends \n", "line one\n\nline two\n\n",
                     "{{ braces }} {% tag %} [INST] <|im_end|> </s> <s>", "naïve — 日本語 ✓")
@@ -52,6 +55,52 @@ class PromptFormat:
             style = "chat_template" if template else "instruction"
         return cls(style=style, chat_template=template if style == "chat_template" else None,
                    system_prompt=system_prompt)
+
+    @property
+    def response_prefix(self) -> str:
+        """The text between the prompt and the response in a training example."""
+        return " " if self.style == "llama2" else ""
+
+    def terminator_id(self, tokenizer) -> int:
+        """The token that ends an answer: the chat template's end-of-turn token where the template
+        writes a special token right after the assistant's message (``<|eot_id|>`` in Llama 3's,
+        ``<|im_end|>`` in ChatML), else EOS.
+
+        A Llama 3 base model's EOS is ``<|end_of_text|>`` while its instruct template ends every
+        turn with ``<|eot_id|>``: supervising EOS there would teach the model to stop off-template.
+        """
+        cached = self.__dict__.get("_terminator")
+        if cached is not None and cached[0] is tokenizer:
+            return cached[1]
+        terminator = tokenizer.eos_token_id
+        if self.style == "chat_template":
+            terminator = self._template_terminator(tokenizer) or terminator
+        self.__dict__["_terminator"] = (tokenizer, terminator)   # a cache, not a field
+        return terminator
+
+    def stop_ids(self, tokenizer) -> tuple[int, ...]:
+        """The tokens that end generation: the terminator, and EOS where it differs."""
+        ids = (self.terminator_id(tokenizer), tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    def _template_terminator(self, tokenizer) -> int | None:
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                     tokenize=False)
+        except Exception:             # a template that renders no assistant turns: EOS then
+            return None
+        if rendered.count(_SENTINEL) != 1:
+            return None
+        after = rendered.split(_SENTINEL)[1]
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special |= set(tokenizer.all_special_ids)
+        for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
+            if token in special:
+                return token
+            if tokenizer.decode([token]).strip():
+                return None           # text before any special token: no end-of-turn token
+        return None
 
     def user_message(self, instruction: str, context: str = "") -> str:
         return f"{instruction}\n\n{context}" if context else instruction

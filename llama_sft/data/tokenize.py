@@ -1,8 +1,13 @@
-"""Tokenization: prompt masked, response and its end-of-sequence token supervised.
+"""Tokenization: prompt masked, response and its end-of-turn token supervised.
 
-Labels: prompt tokens are ``IGNORE_INDEX`` (-100); the response tokens and the final EOS are
+Labels: prompt tokens are ``IGNORE_INDEX`` (-100); the response tokens and the terminator that
+follows them (``PromptFormat.terminator_id``: the chat template's end-of-turn token, else EOS) are
 supervised. Masking never looks at the pad token id, so a tokenizer whose pad equals its EOS
 cannot silently drop EOS from the loss.
+
+The response is tokenized where it stands, after the prompt: a SentencePiece tokenizer (Llama 2)
+gives a text tokenized on its own a leading "▁" that it does not have after a newline, so a
+response tokenized alone would teach a token that generation never produces.
 """
 from __future__ import annotations
 
@@ -31,25 +36,21 @@ class Encoded:
 
 def encode_example(tokenizer, fmt: PromptFormat, record: dict[str, Any], max_length: int,
                    policy: str = "truncate") -> Encoded | None:
-    """Tokenize one record: prompt masked, response + EOS supervised.
+    """Tokenize one record: prompt masked, response + terminator supervised.
 
     Over ``max_length``: policy ``drop`` returns None; ``truncate`` cuts the end of the response
-    (EOS then is not supervised, and ``truncated`` is set) but never the whole response: when
-    fewer than 8 response tokens would remain, the example is dropped (None).
+    (the terminator then is not supervised, and ``truncated`` is set) but never the whole
+    response: when fewer than 8 response tokens would remain, the example is dropped (None).
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
-    prompt = fmt.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
-    response = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
-    return assemble_example(prompt, response, eos, max_length, policy)
+    return encode_batch(tokenizer, fmt, [record], max_length, policy)[0]
 
 
-def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
+def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], terminator_id: int,
                      max_length: int, policy: str = "truncate") -> Encoded | None:
-    """Join tokenized prompt and response (EOS appended) under ``encode_example``'s rules."""
+    """Join tokenized prompt and response (terminator appended) under ``encode_example``'s
+    rules."""
     prompt = list(prompt_ids)
-    response = list(response_ids) + [eos_id]
+    response = list(response_ids) + [terminator_id]
     truncated = False
     if len(prompt) + len(response) > max_length:
         if policy == "drop":
@@ -65,61 +66,73 @@ def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos
 
 def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], max_length: int,
                  policy: str = "truncate") -> list[Encoded | None]:
-    """``encode_example`` for many records at once, one fast-tokenizer batch call per side.
+    """``encode_example`` for many records, one fast-tokenizer batch call per side.
 
-    Returns one entry per record (None where ``encode_example`` would return None); the token
-    ids are identical to ``encode_example``'s.
+    Returns one entry per record (None where ``encode_example`` would return None).
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
+    terminator = _terminator(tokenizer, fmt)
     prompt_ids, response_ids = tokenize_batch(tokenizer, fmt, records)
-    return [assemble_example(p, r, eos, max_length, policy)
+    return [assemble_example(p, r, terminator, max_length, policy)
             for p, r in zip(prompt_ids, response_ids)]
+
+
+def _terminator(tokenizer, fmt: PromptFormat) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no EOS token; cannot supervise the end of answers")
+    return fmt.terminator_id(tokenizer)
 
 
 def tokenize_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
                    ) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids and response ids (no EOS) of many records, one batch call per side."""
-    return _encode_sides(tokenizer, fmt, records, None)
+    """Prompt ids and response ids (no terminator) of many records, one batch call per side.
+
+    The response ids are those of the full text (prompt, ``fmt.response_prefix``, response)
+    after the prompt's ids. Where the prompt's ids are not a prefix of the full text's (a merge
+    across the boundary, which the built-in prompt styles never produce), the response is
+    tokenized on its own.
+    """
+    if not records:
+        return [], []
+    prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
+    fulls = [p + fmt.response_prefix + r["response"] for p, r in zip(prompts, records)]
+    prompt_ids = _encode_many(tokenizer, prompts, fmt.adds_special_tokens)
+    full_ids = _encode_many(tokenizer, fulls, fmt.adds_special_tokens)
+    responses = []
+    for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
+        if f[:len(p)] == p:
+            responses.append(f[len(p):])
+        else:
+            text = fmt.response_prefix + records[i]["response"]
+            responses.append(_encode_many(tokenizer, [text], False)[0])
+    return prompt_ids, responses
 
 
 def count_tokens_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
                        ) -> tuple[list[int], list[int]]:
-    """The lengths of ``tokenize_batch``'s prompt and response ids, without building the id
-    lists where the Rust backend is called."""
-    return _encode_sides(tokenizer, fmt, records, len)
+    """The lengths of ``tokenize_batch``'s prompt and response ids."""
+    prompts, responses = tokenize_batch(tokenizer, fmt, records)
+    return [len(p) for p in prompts], [len(r) for r in responses]
 
 
-def _encode_sides(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], take):
-    if not records:
-        return [], []
-    prompts = [fmt.render(tokenizer, r["instruction"], r.get("context") or "") for r in records]
-    return (_encode_many(tokenizer, prompts, fmt.adds_special_tokens, take),
-            _encode_many(tokenizer, [r["response"] for r in records], False, take))
-
-
-def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool, take=None) -> list:
-    """Token ids of many texts (``take`` of them, e.g. ``len``, when given); a fast tokenizer's
-    Rust backend is called directly (the transformers wrapper costs several times the backend
-    call) unless the backend would pad or truncate (settings a tokenizer.json can carry and the
-    wrapper switches off). ``encode_batch_fast`` skips the character offsets, which ids do not
-    need."""
+def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts; a fast tokenizer's Rust backend is called directly (the
+    transformers wrapper costs several times the backend call) unless the backend would pad or
+    truncate (settings a tokenizer.json can carry and the wrapper switches off).
+    ``encode_batch_fast`` skips the character offsets, which ids do not need."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is not None and backend.truncation is None and backend.padding is None:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        encodings = encode(texts, add_special_tokens=add_special_tokens)
-        return [take(e) for e in encodings] if take else [e.ids for e in encodings]
+        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
     ids = tokenizer(texts, add_special_tokens=add_special_tokens,
                     return_attention_mask=False)["input_ids"]
-    return [take(x) for x in ids] if take else [list(x) for x in ids]
+    return [list(x) for x in ids]
 
 
 def example_lengths(prompt_len: int, response_len: int, max_length: int,
                     policy: str = "truncate") -> tuple[int, int, bool] | None:
     """(tokens, supervised tokens, truncated) of ``assemble_example`` on a prompt and a response
     of these lengths, or None where it returns None; for callers that need no ids."""
-    response = response_len + 1                      # EOS
+    response = response_len + 1                      # the terminator
     truncated = False
     if prompt_len + response > max_length:
         if policy == "drop":

@@ -28,7 +28,7 @@ def teacher_forced_losses(model, tokenizer, fmt, records: Sequence[dict], max_le
                           batch_size: int, desc: str = "loss") -> list[tuple[float, int] | None]:
     """Per record (sum of NLL over the reference tokens, token count); None when it does not fit.
 
-    Tokenized exactly as in training (``encode_example``: prompt masked, response + EOS
+    Tokenized exactly as in training (``encode_example``: prompt masked, response + terminator
     supervised), right-padded with ``pad_collate``.
     """
     import torch
@@ -57,7 +57,8 @@ def teacher_forced_losses(model, tokenizer, fmt, records: Sequence[dict], max_le
 
 
 def generate_all(model, tokenizer, prompts: Sequence[Sequence[int]], gen: GenerationSettings,
-                 desc: str = "generate") -> tuple[list[list[Any]], dict[str, Any]]:
+                 desc: str = "generate", stop_ids: Sequence[int] | None = None
+                 ) -> tuple[list[list[Any]], dict[str, Any]]:
     """Generations per prompt (``num_return_sequences`` each) and the speed figures."""
     from tqdm.auto import tqdm
 
@@ -67,7 +68,7 @@ def generate_all(model, tokenizer, prompts: Sequence[Sequence[int]], gen: Genera
         results, prefills = generate_many(
             model, tokenizer, prompts, batch_size=gen.batch_size,
             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            num_return_sequences=k, on_done=bar.update)
+            num_return_sequences=k, on_done=bar.update, stop_ids=stop_ids)
     seconds = time.perf_counter() - start
     outputs = [results[i * k:(i + 1) * k] for i in range(len(prompts))]
     tokens = sum(len(g.token_ids) for g in results)
@@ -86,7 +87,8 @@ def run_model(model, tokenizer, fmt, records: Sequence[dict], prompts: Sequence[
     losses = teacher_forced_losses(model, tokenizer, fmt, records, max_length, gen.batch_size,
                                    desc=f"{label} loss")
     torch.manual_seed(gen.seed)
-    outputs, speed = generate_all(model, tokenizer, prompts, gen, desc=f"{label} generate")
+    outputs, speed = generate_all(model, tokenizer, prompts, gen, desc=f"{label} generate",
+                                  stop_ids=fmt.stop_ids(tokenizer))
     samples = []
     for record, loss, generations in zip(records, losses, outputs):
         samples.append({

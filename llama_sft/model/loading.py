@@ -48,6 +48,23 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def copy_sentencepiece_model(source: str, out: Path) -> bool:
+    """Copy ``tokenizer.model`` (SentencePiece) of a model directory or hub id into ``out`` where
+    there is one: tokenizers saved by transformers leave it out, and llama.cpp's converter reads
+    Llama 2's token scores from it. Fetched from the hub (or its cache when offline)."""
+    import shutil
+
+    from transformers.utils import cached_file
+
+    path = cached_file(resolve_model_path(source), "tokenizer.model",
+                       _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None or (Path(out) / "tokenizer.model").exists():
+        return False
+    shutil.copyfile(path, Path(out) / "tokenizer.model")
+    return True
+
+
 def quantization_config(quantization: str, compute_dtype):
     from transformers import BitsAndBytesConfig
 

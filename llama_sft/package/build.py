@@ -24,7 +24,7 @@ from llama_sft.files import (describe_inputs, published_mode, read_json, sha256_
                              verify_file_against_manifest, write_json, write_manifest,
                              write_text_atomic)
 from llama_sft.package.contents import find_secret, inspect_adapter_dir
-from llama_sft.package.export import export_gguf, merge_adapter
+from llama_sft.package.export import merge_adapter
 from llama_sft.package.metadata import (_epoch, build_metadata, render_readme, render_requirements,
                                         summarize_evaluation)
 
@@ -147,8 +147,12 @@ def plan_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, 
                        manifest, present, eval_path, summary)
 
 
-def stage_package(plan: PackagePlan, stage: Path) -> Path:
-    """Write the package folder under ``stage``; refuse it when any file holds a token."""
+def stage_package(plan: PackagePlan, stage: Path,
+                  exports: list[dict[str, Any]] | None = None) -> Path:
+    """Write the package folder under ``stage``; refuse it when any file holds a token.
+
+    ``exports`` (path, kind, sha256, bytes of every file written beside the archive) are listed
+    in ``metadata.json``, so the archive vouches for them."""
     folder = stage / plan.folder_name
     folder.mkdir()
     _stage_files(plan.adapter_dir, plan.present, folder)
@@ -158,6 +162,7 @@ def stage_package(plan: PackagePlan, stage: Path) -> Path:
                               model_size=plan.model_size, adapter_dir=plan.adapter_dir,
                               manifest=plan.manifest, training_config=plan.training_config,
                               evaluation=plan.evaluation, files=plan.files)
+    metadata["exports"] = exports or []
     write_json(folder / METADATA, metadata, sort_keys=True)
     (folder / "README.md").write_text(render_readme(metadata), encoding="utf-8")
     (folder / "requirements.txt").write_text(render_requirements(
@@ -189,26 +194,38 @@ def build_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
                   base_model: str | None = None, model_size: str | None = None,
                   name: str | None = None, version: str = "0.1.0",
                   evaluation: str | os.PathLike | None = None, merge: bool = False,
-                  gguf: bool = False, merge_dtype: str = "auto") -> Path:
-    """Package ``adapter_dir`` into ``output_dir/<name>-<version>.tar.gz`` (+ .sha256, manifest).
+                  gguf: list[str] | None = None, onnx: bool = False,
+                  merge_dtype: str = "auto") -> Path:
+    """Package ``adapter_dir`` into ``output_dir/<name>-<version>.tar.gz`` (+ .sha256, manifest),
+    with the exports asked for beside it (see ``export_models``).
 
-    ``adapter_dir`` is a final_model/ dir, an extracted package, or a package archive.
+    ``adapter_dir`` is a final_model/ dir, an extracted package, or a package archive. Exports are
+    made first, inside a staging directory, so that the archive's metadata lists each with its
+    sha256; everything is moved into ``output_dir`` only once all of it was written.
     """
+    gguf = list(gguf or [])
     with adapter_directory(adapter_dir) as source_dir:
         plan = plan_package(source_dir, output_dir, base_model=base_model, model_size=model_size,
                             name=name, version=version, evaluation=evaluation)
         archive = plan.archive
         with _output_dir(plan.output_dir), tempfile.TemporaryDirectory(
                 dir=plan.output_dir, prefix=f".{plan.folder_name}.stage-") as stage:
-            folder = stage_package(plan, Path(stage))
+            built = Path(stage) / "exports"
+            built.mkdir()
+            exports = export_models(plan, built, merge=merge, gguf=gguf, onnx=onnx,
+                                    dtype=_merge_dtype(merge_dtype, plan.training_config))
+            folder = stage_package(plan, Path(stage), exports)
             write_archive(folder, archive, _epoch(plan.manifest.get("created")))
             digest = sha256_file(archive)
             sidecar = archive.with_name(archive.name + ".sha256")
             write_text_atomic(sidecar, f"{digest}  {archive.name}\n")
             published_mode(sidecar)
             log.info("wrote %s (sha256 %s)", archive, digest)
-            extras = export_models(plan, folder, Path(stage), merge=merge, gguf=gguf,
-                                   dtype=_merge_dtype(merge_dtype, plan.training_config))
+            _publish(built, plan.output_dir)
+        if exports:
+            sums = [(archive.name, digest)] + [(e["path"], e["sha256"]) for e in exports]
+            write_text_atomic(plan.output_dir / SUMS,
+                              "".join(f"{h}  {p}\n" for p, h in sorted(sums)))
         inputs = {"adapter": Path(adapter_dir)}
         if plan.evaluation_path is not None:
             inputs["evaluation"] = plan.evaluation_path
@@ -216,9 +233,9 @@ def build_package(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
     write_manifest(plan.output_dir, stage="package", inputs=described,
                    config={"name": plan.name, "version": plan.version,
                            "base_model": plan.base_model, "model_size": plan.model_size,
-                           "merge": merge, "gguf": gguf},
+                           "merge": merge, "gguf": gguf, "onnx": onnx},
                    extra={"package": {"archive": archive.name, "sha256": digest,
-                                      "files": plan.files, **extras}})
+                                      "files": plan.files, "exports": exports}})
     published_mode(plan.output_dir / "manifest.json")
     return archive
 
@@ -229,17 +246,42 @@ def _merge_dtype(requested: str, training_config: dict[str, Any]) -> str:
     return training_config.get("dtype", "auto") or "auto"
 
 
-def export_models(plan: PackagePlan, folder: Path, stage: Path, *, merge: bool, gguf: bool,
-                  dtype: str) -> dict[str, str]:
-    """The merged model (``--merge``) and the GGUF file (``--gguf``) beside the archive."""
-    if not (merge or gguf):
-        return {}
-    extras = {}
-    merged_dir = plan.output_dir / f"{plan.folder_name}-merged" if merge else stage / "merged"
-    merged = merge_adapter(folder, plan.base_model, merged_dir, dtype=dtype)
-    if merge:
-        extras["merged_model"] = merged.name
+def _publish(built: Path, output_dir: Path) -> None:
+    """Move each finished export into ``output_dir``, replacing an older one of the same name."""
+    for item in sorted(built.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+        published_mode(target)
+
+
+def export_models(plan: PackagePlan, out: Path, *, merge: bool, gguf: list[str], onnx: bool,
+                  dtype: str) -> list[dict[str, Any]]:
+    """The exports asked for, written into ``out``: the merged model (``--merge``,
+    ``<folder>-merged/``), GGUF files (``--gguf``, ``<folder>.<type>.gguf``) and the ONNX model
+    (``--onnx``, ``<folder>-onnx/``); GGUF and ONNX are made from the merged model, so they carry
+    the fine-tuning. Returns one entry (path relative to ``out``, kind, sha256, bytes) per file."""
+    if not (merge or gguf or onnx):
+        return []
+    merged_dir = out / f"{plan.folder_name}-merged"
+    merge_adapter(plan.adapter_dir, plan.base_model, merged_dir, dtype=dtype)
+    kinds = {merged_dir.name: "merged"}
     if gguf:
-        out = plan.output_dir / f"{plan.folder_name}.f16.gguf"
-        extras["gguf"] = export_gguf(merged, out).name
-    return extras
+        from llama_sft.package.gguf import export_gguf
+        for path in export_gguf(merged_dir, out, plan.folder_name, gguf):
+            kinds[path.name] = "gguf"
+    if onnx:
+        from llama_sft.package.onnx_export import export_onnx
+        onnx_dir = export_onnx(merged_dir, out / f"{plan.folder_name}-onnx")
+        kinds[onnx_dir.name] = "onnx"
+    if not merge:
+        shutil.rmtree(merged_dir)
+        del kinds[merged_dir.name]
+    entries = []
+    for top, kind in sorted(kinds.items()):
+        paths = [out / top] if (out / top).is_file() else sorted(
+            p for p in (out / top).rglob("*") if p.is_file())
+        entries += [{"path": p.relative_to(out).as_posix(), "kind": kind,
+                     "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
+    return entries

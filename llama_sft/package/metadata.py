@@ -105,27 +105,40 @@ Packaged from a training run created {created}.
 
 Files: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the tokenizer and
 chat template, `prompt_format.json` (how prompts were built in training: style `{prompt_style}`),
-`metadata.json` (training config, data hashes, library versions), `requirements.txt`{eval_file} and
-`SHA256SUMS` (check with `sha256sum -c SHA256SUMS` inside this folder).
+`metadata.json` (training config, data hashes, library versions, the exports and their sha256),
+`requirements.txt`{eval_file} and `SHA256SUMS` (check with `sha256sum -c SHA256SUMS` inside this
+folder).
+
+Answers end with token {stop_ids} (`stop_token_ids` in `metadata.json`): stop generation there.
 
 ## Load with transformers + peft
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{folder}")
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "{folder}")
+base = AutoModelForCausalLM.from_pretrained("{base_model}", dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(base, "{folder}")
 {prompt_line}
+out = model.generate(**inputs, max_new_tokens=256, do_sample=False, eos_token_id={stop_list})
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Build prompts as training did: `prompt_format.json` says which template (with `llama_dataset.py`:
-`PromptFormat.load("{folder}").encode_prompt(tokenizer, instruction, context)`).
+`PromptFormat.load("{folder}").encode_prompt(tokenizer, instruction, context)` (from
+`llama_dataset.py`) builds prompts exactly as training did.
 
 ## Chat with it
 
 ```bash
 python3 llama_chat.py --adapter-path {folder}.tar.gz "your question"
 python3 llama_package.py --extract {folder}.tar.gz --to ./unpacked    # verified extraction
+```
+
+## Serve it with vLLM (GPU)
+
+```bash
+vllm serve {base_model} --enable-lora --lora-modules {name}={folder}
 ```
 
 ## Merge into a full model
@@ -136,7 +149,7 @@ python3 llama_package.py --adapter-path {folder}.tar.gz --output-dir ./merged --
 
 or in Python: `model.merge_and_unload().save_pretrained("merged", safe_serialization=True)`
 (load the base unquantized in bf16/fp16 first; never merge into a 4-bit model).
-
+{export_sections}
 ## Evaluation
 
 {evaluation_table}
@@ -149,13 +162,101 @@ PROMPT_LINES = {
                      'return_dict=True)',
     "instruction": 'inputs = tokenizer("### Instruction:\\nHello\\n\\n### Response:\\n", '
                    'return_tensors="pt")',
-    "llama2": 'inputs = tokenizer("[INST] Hello [/INST] ", return_tensors="pt")',
+    "llama2": 'inputs = tokenizer("[INST] Hello [/INST]", return_tensors="pt")',
 }
+PROMPT_TEXTS = {"instruction": "### Instruction:\\nHello\\n\\n### Response:\\n",
+                "llama2": "[INST] Hello [/INST]"}
+
+MERGED_SECTION = """
+## The merged model (`{path}`)
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForCausalLM.from_pretrained("{path}")
+{prompt_line}
+out = model.generate(**inputs, max_new_tokens=256, do_sample=False, eos_token_id={stop_list})
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+
+GGUF_SECTION = """
+## GGUF for llama.cpp (`{files}`)
+
+Made by llama.cpp's own converter and quantizer. In Python (`pip install llama-cpp-python`):
+
+```python
+from llama_cpp import Llama
+llm = Llama(model_path="{path}", n_ctx=4096)
+{gguf_call}
+```
+
+As an OpenAI-compatible server, then any OpenAI client on `http://127.0.0.1:8000/v1`:
+
+```bash
+python3 -m llama_cpp.server --model {path} --host 127.0.0.1 --port 8000
+llama-server -m {path} --host 127.0.0.1 --port 8000        # llama.cpp's own binary
+```
+"""
+
+GGUF_CALLS = {
+    "chat_template": 'out = llm.create_chat_completion([{{"role": "user", "content": "Hello"}}], '
+                     'temperature=0, max_tokens=256)\nprint(out["choices"][0]["message"]'
+                     '["content"])',
+    "text": 'out = llm({prompt!r}, temperature=0, max_tokens=256)\n'
+            'print(out["choices"][0]["text"])',
+}
+
+ONNX_SECTION = """
+## ONNX for onnxruntime (`{path}/`)
+
+fp32, with the KV cache as inputs and outputs (`past_key_values.<layer>.key/value` in,
+`present.<layer>.key/value` out). Greedy decoding with `pip install onnxruntime transformers`:
+
+```python
+import numpy as np, onnxruntime as ort
+from transformers import AutoTokenizer
+d = "{path}"; tok = AutoTokenizer.from_pretrained(d); s = ort.InferenceSession(f"{{d}}/model.onnx")
+{onnx_ids}
+past = {{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in s.get_inputs() if i.name.startswith("past")}}
+new, out, n, stop = ids, [], 0, {stop_list}
+while len(out) < 256 and not set(out) & set(stop):
+    logits, *present = s.run(None, {{"input_ids": np.array([new]), "attention_mask": np.ones((1, n + len(new)), np.int64), "position_ids": np.arange(n, n + len(new))[None], **past}})
+    n, past, new = n + len(new), dict(zip(past, present)), [int(logits[0, -1].argmax())]; out += new
+print(tok.decode(out, skip_special_tokens=True))
+```
+"""
+
+
+def _export_sections(metadata: dict[str, Any], prompt_line: str, stop_list: str) -> str:
+    exports = metadata.get("exports") or []
+    style = metadata["prompt_style"]
+    sections = []
+    merged = sorted({e["path"].split("/")[0] for e in exports if e["kind"] == "merged"})
+    for path in merged:
+        sections.append(MERGED_SECTION.format(path=path, prompt_line=prompt_line,
+                                              stop_list=stop_list))
+    ggufs = [e["path"] for e in exports if e["kind"] == "gguf"]
+    if ggufs:
+        call = GGUF_CALLS["chat_template"] if style == "chat_template" else \
+            GGUF_CALLS["text"].format(prompt=PROMPT_TEXTS.get(style, PROMPT_TEXTS["instruction"])
+                                      .encode().decode("unicode_escape"))
+        sections.append(GGUF_SECTION.format(files="`, `".join(ggufs), path=ggufs[-1],
+                                            gguf_call=call))
+    for path in sorted({e["path"].split("/")[0] for e in exports if e["kind"] == "onnx"}):
+        ids = ('ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], '
+               'add_generation_prompt=True, return_dict=False)' if style == "chat_template"
+               else f'ids = tok({PROMPT_TEXTS.get(style, PROMPT_TEXTS["instruction"])!r})'
+                    f'["input_ids"]'.replace("\\\\n", "\\n"))
+        sections.append(ONNX_SECTION.format(path=path, onnx_ids=ids, stop_list=stop_list))
+    return "".join(sections)
 
 
 def render_readme(metadata: dict[str, Any]) -> str:
     folder = f"{metadata['name']}-{metadata['version']}"
     prompt_line = PROMPT_LINES.get(metadata["prompt_style"], PROMPT_LINES["instruction"])
+    stops = metadata.get("stop_token_ids") or []
+    stop_list = str(list(stops))
     return README_TEMPLATE.format(
         name=metadata["name"], version=metadata["version"], folder=folder,
         base_model=metadata["base_model"], model_size=metadata["model_size"],
@@ -163,7 +264,9 @@ def render_readme(metadata: dict[str, Any]) -> str:
         created=metadata["created"], prompt_style=metadata["prompt_style"],
         eval_file=", `evaluation.json` (the full evaluation report)"
         if metadata.get("evaluation") else "",
-        evaluation_table=evaluation_table(metadata.get("evaluation")), prompt_line=prompt_line)
+        evaluation_table=evaluation_table(metadata.get("evaluation")), prompt_line=prompt_line,
+        stop_ids=" or ".join(map(str, stops)) or "EOS", stop_list=stop_list,
+        export_sections=_export_sections(metadata, prompt_line, stop_list))
 
 
 def render_requirements(versions: dict[str, str], quantization: str) -> str:
@@ -176,6 +279,14 @@ def render_requirements(versions: dict[str, str], quantization: str) -> str:
     if quantization != "none":
         lines.append("bitsandbytes>=0.43  # only to load the base model in 4-bit/8-bit on CUDA")
     return "\n".join(lines) + "\n"
+
+
+def stop_token_ids(adapter_dir: Path) -> list[int]:
+    """The tokens that end an answer of this adapter (the prompt format's end-of-turn and EOS)."""
+    from llama_sft.data.prompt_format import PromptFormat
+    from llama_sft.model.loading import load_tokenizer
+
+    return list(PromptFormat.load(adapter_dir).stop_ids(load_tokenizer(str(adapter_dir))))
 
 
 def build_metadata(*, name: str, version: str, base_model: str, model_size: str,
@@ -201,5 +312,6 @@ def build_metadata(*, name: str, version: str, base_model: str, model_size: str,
         "evaluation": evaluation,
         "versions": {"training": manifest.get("versions") or {}, "packaging": library_versions()},
         "pipeline_git_commit": manifest.get("git_commit"),
+        "stop_token_ids": stop_token_ids(adapter_dir),
         "files": files,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from llama_sft.adapter.archive import extract_package, verify_package
+from llama_sft.adapter.archive import extract_package, verify_exports, verify_package
 from llama_sft.errors import UsageError
 from llama_sft.package import hub
 from llama_sft.package.build import build_package
@@ -17,8 +17,9 @@ def run(args) -> int:
     caps = {"max_bytes": args.max_bytes, "max_members": args.max_members}
     if args.verify:
         info = verify_package(args.verify, **caps)
+        exports = verify_exports(info)
         print(f"ok: {args.verify}: {len(info['files'])} files, {info['bytes']} bytes; checksums "
-              f"and allowlist verified (sha256 {info['sha256']})")
+              f"and allowlist verified (sha256 {info['sha256']}){exports}")
         return 0
     if args.extract:
         if not args.to:
@@ -32,7 +33,7 @@ def run(args) -> int:
     archive = build_package(args.adapter_path, args.output_dir, base_model=args.base_model,
                             model_size=args.model_size, name=args.name, version=args.version,
                             evaluation=args.evaluation, merge=args.merge, gguf=args.gguf,
-                            merge_dtype=args.merge_dtype)
+                            onnx=args.onnx, merge_dtype=args.merge_dtype)
     if hub_api is not None:
         hub.push_to_hub(archive, args.push_to_hub, private=not args.public, api=hub_api)
     print(archive)

@@ -21,11 +21,12 @@ class Check:
 
 def data_checks(tokenizer, fmt, records, max_length: int, ratio_range: tuple[float, float]):
     """Checks on the exact tensors training will see (before any model is loaded)."""
-    eos = tokenizer.eos_token_id
+    terminator = fmt.terminator_id(tokenizer)
     encoded = [tokenize.encode_example(tokenizer, fmt, r, max_length) for r in records]
     kept = [e for e in encoded if e is not None]
     zero = sum(1 for e in kept if e.num_supervised == 0) + (len(encoded) - len(kept))
-    no_eos = sum(1 for e in kept if eos not in [t for t in e.labels if t != tokenize.IGNORE_INDEX])
+    no_eos = sum(1 for e in kept
+                 if terminator not in [t for t in e.labels if t != tokenize.IGNORE_INDEX])
     tokens = sum(len(e) for e in kept)
     ratio = sum(e.num_supervised for e in kept) / tokens if tokens else 0.0
     bad_roundtrip = [r.get("id") for r in records[:50] if not _roundtrips(tokenizer, fmt, r)]
@@ -34,7 +35,8 @@ def data_checks(tokenizer, fmt, records, max_length: int, ratio_range: tuple[flo
         Check("data", "supervised_token_ratio", round(ratio, 4), f"in [{lo}, {hi}]",
               lo <= ratio <= hi),
         Check("data", "examples_without_eos_label", no_eos, "== 0", no_eos == 0,
-              "EOS must be supervised or the model never learns to stop"),
+              "the end-of-turn token (EOS or the template's) must be supervised or the model "
+              "never learns to stop"),
         Check("data", "zero_label_examples", zero, "== 0", zero == 0),
         Check("data", "prompt_roundtrip_failures", len(bad_roundtrip), "== 0", not bad_roundtrip,
               ", ".join(map(str, bad_roundtrip[:5]))),

@@ -98,7 +98,8 @@ def train_and_check(args, cfg, targets: tuple[str, ...], golden: list[dict], tok
     prompts = [fmt.encode_prompt(tokenizer, r["instruction"], r.get("context") or "")
                for r in samples]
     gens, _ = generate_many(model, tokenizer, prompts, batch_size=8,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens,
+                            stop_ids=fmt.stop_ids(tokenizer))
     stop_rate = sum(g.stopped for g in gens) / len(gens) if gens else 0.0
     checks.append(Check("stopping", "stop_rate", round(stop_rate, 4), f">= {args.min_stop_rate}",
                         stop_rate >= args.min_stop_rate, f"{len(gens)} generations"))

@@ -54,7 +54,8 @@ def generate_samples(trainer) -> list[dict[str, Any]]:
     prompts = [trainer.fmt.encode_prompt(trainer.tokenizer, r["instruction"], r.get("context", ""))
                for r in trainer.data.samples]
     gens = generate_batch(model, trainer.tokenizer, prompts,
-                          max_new_tokens=trainer.cfg.eval.max_new_tokens)
+                          max_new_tokens=trainer.cfg.eval.max_new_tokens,
+                          stop_ids=trainer.fmt.stop_ids(trainer.tokenizer))
     return [{"id": r.get("id"), "instruction": r["instruction"], "reference": r["response"],
              "generation": g.text, "stopped": g.stopped}
             for r, g in zip(trainer.data.samples, gens)]

@@ -12,7 +12,7 @@ from llama_sft.model.generation.continuous import greedy_continuous, left_padded
 class Generation:
     text: str
     token_ids: list[int]
-    stopped: bool           # ended with EOS before max_new_tokens
+    stopped: bool           # ended with a stop token before max_new_tokens
 
 
 # generation_config keys that leave greedy decoding alone (sampling settings are overridden)
@@ -24,25 +24,26 @@ _GREEDY_SAFE_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_st
 
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, num_return_sequences: int = 1,
-                   streamer=None) -> list[Generation]:
+                   streamer=None, stop_ids: Sequence[int] | None = None) -> list[Generation]:
     """Generate for token-id prompts in one left-padded batch (KV cache, greedy by default).
 
     Greedy decoding runs ``greedy_continuous`` (rows leave the batch at EOS) when the model's
     generation config asks for no extra logits processing; sampling, several return sequences,
-    a streamer or such a config go through ``model.generate``.
+    a streamer or such a config go through ``model.generate``. Generation stops at any token of
+    ``stop_ids`` (default: EOS; give ``PromptFormat.stop_ids`` for the end-of-turn token).
     """
     import torch
 
     pad = _pad_id(tokenizer)
+    stops = _stops(tokenizer, stop_ids)
     if _plain_greedy(model, temperature, num_return_sequences, streamer):
-        rows = greedy_continuous(model, prompts, max_new_tokens=max_new_tokens,
-                                 eos_id=tokenizer.eos_token_id, pad_id=pad,
-                                 batch_size=len(prompts))
-        return [_generation(tokenizer, row) for row in rows]
+        rows = greedy_continuous(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops,
+                                 pad_id=pad, batch_size=len(prompts))
+        return [_generation(tokenizer, row, stops) for row in rows]
     ids, mask = left_padded(prompts, pad, next(model.parameters()).device)
     sample = temperature > 0
     kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
-              "eos_token_id": tokenizer.eos_token_id,
+              "eos_token_id": list(stops),
               "num_return_sequences": num_return_sequences, "use_cache": True,
               "streamer": streamer}
     if sample:
@@ -51,13 +52,13 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
         kwargs.update(temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    return [_generation(tokenizer, row) for row in out[:, ids.shape[1]:].tolist()]
+    return [_generation(tokenizer, row, stops) for row in out[:, ids.shape[1]:].tolist()]
 
 
 def generate_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, batch_size: int,
                   max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                  num_return_sequences: int = 1,
-                  on_done: Callable[[int], None] | None = None) -> tuple[list[Generation], int]:
+                  num_return_sequences: int = 1, on_done: Callable[[int], None] | None = None,
+                  stop_ids: Sequence[int] | None = None) -> tuple[list[Generation], int]:
     """Generations for any number of prompts, in their order, at most ``batch_size`` at a time,
     and the number of batched prefill calls it took.
 
@@ -66,18 +67,19 @@ def generate_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, batch_s
     batches. ``on_done(n)`` is called as n more prompts finish (a progress bar's ``update``).
     """
     k = num_return_sequences
+    stops = _stops(tokenizer, stop_ids)
     if _plain_greedy(model, temperature, k, None):
         rows, prefills = greedy_continuous(
-            model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+            model, prompts, max_new_tokens=max_new_tokens, stop_ids=stops,
             pad_id=_pad_id(tokenizer), batch_size=batch_size, on_done=on_done,
             count_prefills=True)
-        return [_generation(tokenizer, row) for row in rows], prefills
+        return [_generation(tokenizer, row, stops) for row in rows], prefills
     results: list[Generation] = [None] * (len(prompts) * k)  # type: ignore[list-item]
     batches = length_batches([len(p) for p in prompts], batch_size)
     for batch in batches:
         out = generate_batch(model, tokenizer, [prompts[i] for i in batch],
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             num_return_sequences=k)
+                             num_return_sequences=k, stop_ids=stops)
         for j, index in enumerate(batch):
             results[index * k:(index + 1) * k] = out[j * k:(j + 1) * k]
         if on_done is not None:
@@ -107,9 +109,13 @@ def _plain_greedy(model, temperature: float, num_return_sequences: int, streamer
             and all(type(layer) is DynamicLayer for layer in layers))
 
 
-def _generation(tokenizer, row: Sequence[int]) -> Generation:
-    """A Generation from generated ids: cut at the first EOS, decoded without special tokens."""
-    eos = tokenizer.eos_token_id
-    tokens = list(itertools.takewhile(lambda t: t != eos, row))
+def _stops(tokenizer, stop_ids: Sequence[int] | None) -> tuple[int, ...]:
+    return tuple(stop_ids) if stop_ids else (tokenizer.eos_token_id,)
+
+
+def _generation(tokenizer, row: Sequence[int], stops: Sequence[int]) -> Generation:
+    """A Generation from generated ids: cut at the first stop token, decoded without special
+    tokens."""
+    tokens = list(itertools.takewhile(lambda t: t not in stops, row))
     stopped = len(tokens) < len(row)
     return Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, stopped)

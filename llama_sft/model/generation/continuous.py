@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from llama_sft.model.generation.cache import growing_cache_layer_class
 
@@ -26,19 +26,20 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int, device):
 PREFILL_TOKENS = 2048
 
 
-def greedy_continuous(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
+def greedy_continuous(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                      stop_ids: Collection[int],
                       pad_id: int, batch_size: int, on_done: Callable[[int], None] | None = None,
                       count_prefills: bool = False, prefill_tokens: int = PREFILL_TOKENS):
     """Greedy decoding of many prompts with a KV cache, at most ``batch_size`` rows at a time.
 
-    A row leaves the batch (and the cache) as soon as it emits ``eos_id`` or reaches
+    A row leaves the batch (and the cache) as soon as it emits a token of ``stop_ids`` or reaches
     ``max_new_tokens``, so later steps compute only the rows still answering; waiting prompts
     (longest first) are prefilled in calls of at most ``prefill_tokens`` (padded) and join the running
     batch once a quarter of its places are free. Rows are left-padded to the cache's common length
     and position ids follow each row's own tokens, so every row gets the ids
     ``model.generate(do_sample=False)`` gives it alone, up to floating-point rounding (tests
-    check it). Returns token ids per prompt, EOS included when it was emitted (and the number of
-    prefill calls with ``count_prefills``).
+    check it). Returns token ids per prompt, the stop token included when one was emitted (and
+    the number of prefill calls with ``count_prefills``).
 
     ``model.generate`` keeps finished rows to the end of a batch, and a fixed batch waits for its
     longest answer: on CPU most of those steps compute padding.
@@ -64,7 +65,7 @@ def greedy_continuous(model, prompts: Sequence[Sequence[int]], *, max_new_tokens
             going = []
             for slot, (row, t) in enumerate(zip(batch.rows, token.tolist())):
                 out[row].append(t)
-                if t != eos_id and len(out[row]) < max_new_tokens:
+                if t not in stop_ids and len(out[row]) < max_new_tokens:
                     going.append(slot)
             if len(going) < len(batch.rows):
                 if on_done is not None:
