@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Talk to a fine-tuned adapter (directory or package), or to a base model, from the terminal.
+"""Talk to a fine-tuned adapter (directory or package), a base model or a server, from a terminal.
 
     python3 llama_chat.py --adapter-path ./training_output/final_model          # interactive
     python3 llama_chat.py --adapter-path ./training_output/final_model "What is LoRA?"
@@ -11,11 +11,23 @@
     printf 'question one\\nquestion two\\n' | python3 llama_chat.py --adapter-path DIR
     python3 llama_chat.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct "Hello"   # no adapter
 
+    # a deployed model: llama.cpp's server on the package's GGUF, or vLLM with the adapter
+    python3 -m llama_cpp.server --model packages/llama-sft-135m-0.1.0.f16.gguf \\
+        --chat_format chat_template.default --host 127.0.0.1 --port 8000
+    python3 llama_chat.py --server http://127.0.0.1:8000 \\
+        --adapter-path ./packages/llama-sft-135m-0.1.0.tar.gz "What is LoRA?"
+    python3 llama_chat.py --server http://127.0.0.1:8000 --demo --temperature 0
+
 Prompts are built with the prompt format recorded in the adapter directory, exactly as in
 training; each question is answered on its own (single turn, like the training examples).
 Answers stream token by token. With no question: an interactive session when stdin is a
 terminal (``/context TEXT`` sets the input text for the next questions, ``/context`` clears it,
 ``/quit`` or Ctrl-D leaves), otherwise one question per line of stdin.
+
+With ``--server URL`` no model is loaded here: every question goes to that OpenAI-compatible
+server (llama.cpp's ``llama_cpp.server``, vLLM) in the same prompt format, so one client talks to
+local and deployed models alike. ``--adapter-path`` then only gives the prompt format (and its
+system prompt); without it the server's own chat template is used.
 """
 from __future__ import annotations
 
@@ -38,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", default=None,
                         help="base model; None: the one recorded with the adapter (give it alone "
                              "to talk to the base model)")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="ask the OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000) "
+                             "instead of loading a model here")
+    parser.add_argument("--server-model", default=None, metavar="NAME",
+                        help="with --server: the model name to ask for; None: the first one the "
+                             "server lists (on vLLM, name the LoRA adapter here)")
     parser.add_argument("--context", default="", help="input text that goes with the question")
     parser.add_argument("--demo", action="store_true",
                         help="answer built-in example prompts (or the first --dataset records)")
@@ -48,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ChatSettings()
     add_decoding_flags(parser, max_new_tokens=defaults.max_new_tokens,
                        temperature=defaults.temperature, top_p=defaults.top_p)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="torch seed")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="random seed (torch here; with --server, the requests' seed)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--use-4bit", action="store_true", help="load the base model in 4-bit nf4")
     quant.add_argument("--use-8bit", action="store_true", help="load the base model in 8-bit")

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "rows from the waiting prompts) and per loss forward pass")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="torch seed set before each model's generation pass")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="also log the metrics (evaluate/<metric>) and this report into the "
+                             "MLflow run that trained the adapter (its final_model/tracking.json)")
     return parser
 
 

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="upload the package to this hub repo (needs a token)")
     parser.add_argument("--public", action="store_true",
                         help="with --push-to-hub: create a public repo, not a private one")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="log the archive into the MLflow run that trained the adapter (its "
+                             "final_model/tracking.json)")
+    parser.add_argument("--register-model", metavar="NAME", default=None,
+                        help="--mlflow, then register the archive as a new version of this "
+                             "MLflow registered model, tagged with the evaluation metrics")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                         help="verify/extract: cap on total uncompressed size")
     parser.add_argument("--max-members", type=int, default=DEFAULT_MAX_MEMBERS,

@@ -6,12 +6,21 @@
         --output-dir ./sft_output --min-quality 0.5 --model-size 7b --tokenizer ./llama2-tokenizer
     python3 pipeline_sft_prep.py --enriched qa.jsonl --output-dir ./sft_output \\
         --field-map instruction=question context=passage response=answer category=task
+    python3 pipeline_sft_prep.py --enriched 'shards/part-*.parquet' ./saved_dataset \\
+        --output-dir ./sft_output
+    python3 pipeline_sft_prep.py --enriched hf://datasets/ORG/NAME --hf-split train \\
+        --output-dir ./sft_output
 
 Input: JSONL (one record per line, streamed), a JSON array (read whole: use JSONL for big
-inputs), or CSV with a header (streamed); any of them gzipped.
+inputs), or CSV with a header (streamed); any of them gzipped. Through ``datasets``, streamed:
+parquet files (or a quoted glob of them), a directory written by ``Dataset.save_to_disk`` /
+``DatasetDict.save_to_disk`` (--hf-split picks the split) and hub datasets
+``hf://datasets/ORG/NAME`` (--hf-split, --hf-config; with HF_HUB_OFFLINE=1 only from the cache).
 Record shapes are found per record: instruction/context/response (+category), alpaca
-instruction/input/output, prompt/completion, chat ``messages`` (one user and one assistant turn,
-an optional system turn); ``--field-map`` names other fields. Every other field (source, quality
+instruction/input/output, prompt/completion, and conversations: OpenAI ``messages``
+(system/user/assistant) or ShareGPT ``conversations`` (human/gpt/system), any number of
+exchanges (kept whole under ``messages`` when there is more than one); ``--field-map`` names other
+fields (also ``messages=X`` or ``conversations=X``). Every other field (source, quality
 score, tags, ...) is kept under ``metadata``.
 
 Writes into --output-dir, atomically (a failed run leaves the old directory as it was):
@@ -41,11 +50,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def build_parser() -> argparse.ArgumentParser:
     d = PrepConfig(enriched=())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    p.add_argument("--enriched", nargs="+", required=True, metavar="FILE",
-                   help="input files: .jsonl, .json (array) or .csv, optionally gzipped")
+    p.add_argument("--enriched", nargs="+", required=True, metavar="INPUT",
+                   help="inputs: .jsonl, .json (array) or .csv files (optionally gzipped), "
+                        ".parquet files, globs of files, save_to_disk directories, hub datasets "
+                        "hf://datasets/ORG/NAME")
     p.add_argument("--output-dir", default=d.output_dir, help="directory to (re)write")
     p.add_argument("--input-format", default=d.input_format, choices=INPUT_FORMATS,
-                   help="input format (auto: from the file name, then the first byte)")
+                   help="input format of the files (auto: from the file name, then the first "
+                        "bytes); directories and hub ids are always read through datasets")
+    p.add_argument("--hf-split", default=d.hf_split,
+                   help="split to read from a hub dataset or a DatasetDict directory")
+    p.add_argument("--hf-config", default=d.hf_config,
+                   help="configuration (subset) of a hub dataset; None: its default")
     p.add_argument("--field-map", nargs="+", metavar="KEY=FIELD",
                    help=f"where the fields are, e.g. instruction=question response=answer; "
                         f"keys: {', '.join(MAPPABLE_KEYS)}")
@@ -69,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples over --max-length: drop them, or cut the end of the response "
                         "(never all of it)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for splits and the golden set")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the records held out for validation")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="share of the records held out for the test split")
     p.add_argument("--golden-size", type=int, default=d.golden_size,
                    help="curated evaluation examples (at most 20%% of the kept records)")
     p.add_argument("--dedup-threshold", type=float, default=d.dedup_threshold,

@@ -14,13 +14,27 @@ in well under 100 CPU steps (short prompts, answers of a few to ~25 tokens):
 - ``date_format``: the date in a sentence rewritten as YYYY-MM-DD
 - ``qa``: a short answer copied from a short passage (some passages carry two questions)
 
+About 15% of the clean records are multi-turn conversations: the category's task as the first
+exchange, then one or two follow-up questions about the same message, review, order, date or
+passage, answered just as exactly and briefly (classification: which team handles that route, a
+fixed name per route, or the order number the message mentions; sentiment: the product reviewed,
+or whether the quality team should follow it up; extraction: the city, quantity or product;
+date_format: the month, or the date as DD/MM/YYYY; qa: another question about the
+passage). Two or three exchanges each, about 30% after a system turn; two thirds OpenAI shaped
+(``messages``: role/content), one third ShareGPT (``conversations``: from human/gpt/system,
+value). They have their own random stream: ``clean_records`` is unchanged, the single-turn
+records are its first ones (fewer than before, as ``--n`` counts all lines), and the
+conversations are shuffled in among them with the rest.
+
 Every record has enrichment fields (id, source, quality_score, tags, created_at, category). Most
-use the instruction/context/response shape; a few are alpaca (instruction/input/output), chat
-(``messages``) or prompt/completion shaped, as after merging exports. The dirt (about 5% of the
-lines, all caught by the prep stage): exact and near duplicates, empty / null / missing /
-wrong-typed responses, e-mail addresses, phone numbers and API keys, one overlong record,
+single-turn records use the instruction/context/response shape; a few are alpaca
+(instruction/input/output), one-exchange chat (``messages``) or prompt/completion shaped, as after
+merging exports. The dirt (about 5% of the lines, all caught by the prep stage): exact and near
+duplicates (one exact copy is a conversation), empty / null / missing / wrong-typed responses,
+e-mail addresses, phone numbers and API keys (a few in conversations), one overlong record,
 truncated and malformed JSON lines, a line that is not UTF-8, blank lines, stray control and
-zero-width characters, non-NFC accents.
+zero-width characters, non-NFC accents, and three broken conversations: one ending on a user turn,
+one with two assistant turns in a row, one with an empty assistant turn.
 """
 from __future__ import annotations
 
@@ -31,7 +45,7 @@ import random
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "demo_enriched.jsonl"
 CATEGORY_WEIGHTS = {"classification": 0.24, "sentiment": 0.18, "extraction": 0.22,
@@ -188,7 +202,8 @@ TAGS = {"classification": ["support", "routing"], "sentiment": ["reviews", "sent
 # ---------------------------------------------------------------------------------------------
 # Clean examples, one function per category: (instruction, context, response)
 
-def _fill(rng: random.Random, template: str, **extra: Any) -> str:
+def _fill(rng: random.Random, template: str, facts: dict[str, Any] | None = None,
+          **extra: Any) -> str:
     values = {"order": rng.randint(10000, 99999), "inv": f"INV-{rng.randint(1000, 9999)}",
               "amount": f"{rng.randint(5, 400)}.{rng.randint(0, 99):02d}",
               "days": rng.randint(2, 21), "city": rng.choice(CITIES),
@@ -209,6 +224,8 @@ def _fill(rng: random.Random, template: str, **extra: Any) -> str:
               "colour": rng.choice(["blue", "brown", "white", "green", "grey"]),
               "ext": rng.randint(200, 899)}
     values.update(extra)
+    if facts is not None:                       # what the text says, for follow-up questions
+        facts.update(values)
     return template.format(**values)
 
 
@@ -217,31 +234,53 @@ def _fillers(rng: random.Random, pool: list[str], k_max: int, **extra: Any) -> s
     return "".join(" " + _fill(rng, f, **extra) for f in picked)
 
 
-def make_classification(rng: random.Random) -> tuple[str, str, str]:
+# The ``_x_facts`` makers also return what the text says (for the follow-up questions of the
+# conversations); ``make_x`` drops it. Both draw from ``rng`` in the same order.
+
+def _classification_facts(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
     label = rng.choice(sorted(TICKET_TEMPLATES))
     first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-    body = _fill(rng, rng.choice(TICKET_TEMPLATES[label]), first=first, last=last)
+    template = rng.choice(TICKET_TEMPLATES[label])
+    values: dict[str, Any] = {}
+    body = _fill(rng, template, values, first=first, last=last)
     greeting = rng.choice(GREETINGS)
     if greeting:
         body = greeting + body[0].lower() + body[1:]
     text = (body + _fillers(rng, TICKET_FILLERS, 2, first=first, last=last)
             + _fill(rng, rng.choice(CLOSINGS), first=first, last=last))
-    return rng.choice(CLASSIFY_INSTRUCTIONS), text, label
+    order = str(values["order"]) if "{order}" in template else None
+    return rng.choice(CLASSIFY_INSTRUCTIONS), text, label, {"label": label, "order": order}
+
+
+def make_classification(rng: random.Random) -> tuple[str, str, str]:
+    return _classification_facts(rng)[:3]
+
+
+def _sentiment_facts(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+    label = rng.choice(sorted(SENTIMENT_PARTS))
+    values: dict[str, Any] = {}
+    text = _fill(rng, rng.choice(SENTIMENT_OPENERS), values,
+                 part=rng.choice(SENTIMENT_PARTS[label]))
+    text += _fillers(rng, REVIEW_FILLERS, 2)
+    return (rng.choice(SENTIMENT_INSTRUCTIONS), text, label,
+            {"label": label, "product": values["product"]})
 
 
 def make_sentiment(rng: random.Random) -> tuple[str, str, str]:
-    label = rng.choice(sorted(SENTIMENT_PARTS))
-    text = _fill(rng, rng.choice(SENTIMENT_OPENERS), part=rng.choice(SENTIMENT_PARTS[label]))
-    text += _fillers(rng, REVIEW_FILLERS, 2)
-    return rng.choice(SENTIMENT_INSTRUCTIONS), text, label
+    return _sentiment_facts(rng)[:3]
 
 
-def make_extraction(rng: random.Random) -> tuple[str, str, str]:
+def _extraction_facts(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
     product, city, qty = rng.choice(PRODUCTS), rng.choice(CITIES), rng.randint(1, 60)
     text = _fill(rng, rng.choice(ORDER_TEMPLATES), product=product, city=city, qty=qty)
     text += _fillers(rng, ORDER_FILLERS, 2)
     answer = json.dumps({"product": product, "quantity": qty, "city": city})
-    return EXTRACT_INSTRUCTIONS[0], text, answer
+    return EXTRACT_INSTRUCTIONS[0], text, answer, {"product": product, "quantity": qty,
+                                                   "city": city}
+
+
+def make_extraction(rng: random.Random) -> tuple[str, str, str]:
+    return _extraction_facts(rng)[:3]
 
 
 def _date_variants(day: dt.date, rng: random.Random) -> str:
@@ -251,11 +290,15 @@ def _date_variants(day: dt.date, rng: random.Random) -> str:
                        f"{day.day} {month[:3]}. {day.year}"])
 
 
-def make_date(rng: random.Random) -> tuple[str, str, str]:
+def _date_facts(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
     day = dt.date(1960, 1, 1) + dt.timedelta(days=rng.randint(0, 365 * 70))
     text = _fill(rng, rng.choice(DATE_SENTENCES), date=_date_variants(day, rng))
     text += _fillers(rng, DATE_FILLERS, 1)
-    return DATE_INSTRUCTIONS[0], text, day.isoformat()
+    return DATE_INSTRUCTIONS[0], text, day.isoformat(), {"day": day}
+
+
+def make_date(rng: random.Random) -> tuple[str, str, str]:
+    return _date_facts(rng)[:3]
 
 
 def _town_name(rng: random.Random) -> str:
@@ -300,6 +343,137 @@ def make_qa(rng: random.Random, town: dict[str, str] | None = None,
 
 MAKERS = {"classification": make_classification, "sentiment": make_sentiment,
           "extraction": make_extraction, "date_format": make_date, "qa": make_qa}
+FACT_MAKERS = {"classification": _classification_facts, "sentiment": _sentiment_facts,
+               "extraction": _extraction_facts, "date_format": _date_facts}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn conversations: the category's task, then one or two follow-up questions about the
+# same message, review, order, date or passage, each answered exactly and briefly
+
+CONVERSATION_SHARE = 0.15        # of the clean records
+THREE_EXCHANGES = 0.3            # of the conversations (the rest have two)
+SHAREGPT_EVERY = 3               # every third conversation is ShareGPT, the rest OpenAI
+SYSTEM_SHARE = 0.3               # of the conversations open with a system turn
+TEAMS = {"billing": "Payments team", "shipping": "Logistics team", "technical": "App support",
+         "account": "Customer care"}   # who handles each route (fixed: learnable)
+SYSTEM_PROMPTS = {
+    "classification": "You are the triage assistant of an online shop's support desk.",
+    "sentiment": "You read product reviews for a web shop.",
+    "extraction": "You turn order e-mails into data for the warehouse.",
+    "date_format": "You help clean up dates in scanned documents.",
+    "qa": "You answer questions about a passage.",
+}
+SYSTEM_SUFFIXES = ["", " Answer briefly.", " Keep every answer short and exact."]
+CONVERSATION_SOURCES = {"messages": ["support_chat_sessions", "assistant_logs_2024"],
+                        "conversations": ["sharegpt_export"]}
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+# Per category: follow-up kind -> (phrasings, answer from the facts)
+FOLLOW_UPS: dict[str, dict[str, tuple[list[str], Any]]] = {
+    "classification": {
+        "team": (["Which team handles that?", "Which team should I forward it to?"],
+                 lambda f: TEAMS[f["label"]]),
+        "order": (["Which order number does the message mention? Answer none if there is none.",
+                   "What is the order number in the message? Say none if it has none."],
+                  lambda f: f["order"] or "none"),
+    },
+    "sentiment": {
+        "product": (["Which product is the review about?",
+                     "What product was reviewed? Answer with the product only."],
+                    lambda f: f["product"]),
+        "flag": (["Should the quality team follow it up? Answer yes or no.",
+                  "Does this need a follow-up by the quality team? Yes or no."],
+                 lambda f: "yes" if f["label"] == "negative" else "no"),
+    },
+    "extraction": {
+        "city": (["Which city does it ship to?",
+                  "Where should it be delivered? Answer with the city only."],
+                 lambda f: f["city"]),
+        "quantity": (["How many units were ordered?",
+                      "What quantity was ordered? Answer with the number only."],
+                     lambda f: str(f["quantity"])),
+        "product": (["Which product was ordered?", "What is being ordered? Just the product."],
+                    lambda f: f["product"]),
+    },
+    "date_format": {
+        "dmy": (["Now write it as DD/MM/YYYY.", "Give the same date as DD/MM/YYYY."],
+                lambda f: f"{f['day'].day:02d}/{f['day'].month:02d}/{f['day'].year}"),
+        "month": (["Which month is that?", "In which month is that date? Answer with its name."],
+                  lambda f: MONTHS[f["day"].month - 1]),
+    },
+}
+
+
+def _first_exchange(rng: random.Random, category: str
+                    ) -> tuple[str, str, dict[str, Callable[[], tuple[str, str]]]]:
+    """(user turn, assistant turn, follow-up kind -> a function giving (question, answer))."""
+    if category == "qa":
+        town, aspects = make_town(rng), sorted(QA_QUESTIONS)
+        first = rng.choice(aspects)
+        inst, ctx, resp = make_qa(rng, town, first)
+
+        def qa_follow_up(aspect: str) -> Callable[[], tuple[str, str]]:
+            def make() -> tuple[str, str]:
+                question, answer = QA_QUESTIONS[aspect]
+                prefix = rng.choice(["", "", "And ", "One more: "])
+                question = question.format(**town)
+                if prefix and not prefix.endswith(": "):
+                    question = question[0].lower() + question[1:]
+                return prefix + question, answer.format(**town)
+            return make
+
+        follow = {a: qa_follow_up(a) for a in aspects if a != first}
+    else:
+        inst, ctx, resp, facts = FACT_MAKERS[category](rng)
+
+        def follow_up(phrasings: list[str], answer: Any) -> Callable[[], tuple[str, str]]:
+            return lambda: (rng.choice(phrasings), answer(facts))
+
+        follow = {kind: follow_up(*spec) for kind, spec in FOLLOW_UPS[category].items()}
+    return inst + ("\n\n" + ctx if ctx else ""), resp, follow
+
+
+def make_conversation(rng: random.Random, category: str) -> list[tuple[str, str]]:
+    """(role, content) turns: an optional system turn, then two or three user/assistant
+    exchanges, the first the category's task."""
+    user, answer, follow = _first_exchange(rng, category)
+    turns = [("user", user), ("assistant", answer)]
+    n_follow = 2 if rng.random() < THREE_EXCHANGES else 1
+    for kind in rng.sample(sorted(follow), n_follow):
+        question, reply = follow[kind]()
+        turns += [("user", question), ("assistant", reply)]
+    if rng.random() < SYSTEM_SHARE:
+        turns.insert(0, ("system", SYSTEM_PROMPTS[category] + rng.choice(SYSTEM_SUFFIXES)))
+    return turns
+
+
+def conversation_records(n: int, seed: int, first_id: int = 1) -> Iterator[dict[str, Any]]:
+    """``n`` clean multi-turn records, OpenAI (``messages``) or ShareGPT (``conversations``)
+    shaped, with the same enrichment fields as the others; ids from ``first_id`` on. Their own
+    random stream, so they leave ``clean_records`` as it was."""
+    rng = random.Random(f"conversations-{seed}")
+    cats, weights = zip(*CATEGORY_WEIGHTS.items())
+    for idx in range(first_id, first_id + n):
+        category = rng.choices(cats, weights)[0]
+        turns = make_conversation(rng, category)
+        created = dt.datetime(2024, 1, 1) + dt.timedelta(seconds=rng.randint(0, 365 * 86400))
+        quality = rng.betavariate(6, 1.6) if rng.random() > 0.06 else rng.uniform(0.1, 0.45)
+        if (idx - first_id) % SHAREGPT_EVERY == SHAREGPT_EVERY - 1:
+            key = "conversations"
+            messages = [{"from": SHAREGPT_ROLES[r], "value": c} for r, c in turns]
+        else:
+            key = "messages"
+            messages = [{"role": r, "content": c} for r, c in turns]
+        yield {"id": f"demo-{idx:06d}", "category": category, key: messages,
+               "source": rng.choice(CONVERSATION_SOURCES[key]), "quality_score": round(quality, 3),
+               "tags": list(TAGS[category]) + ["multi-turn"],
+               "created_at": created.isoformat() + "Z"}
+
+
+def conversation_count(n_records: int) -> int:
+    """How many of ``n_records`` clean records are conversations."""
+    return round(n_records * CONVERSATION_SHARE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,14 +546,48 @@ PII_SNIPPETS = [
 ]
 
 
-def _pii(rng: random.Random, rec: dict[str, Any]) -> dict[str, Any]:
+def _pii_snippet(rng: random.Random) -> str:
     alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
-    snippet = rng.choice(PII_SNIPPETS).format(
+    return rng.choice(PII_SNIPPETS).format(
         first=rng.choice(FIRST_NAMES).lower(), last=rng.choice(LAST_NAMES).lower(),
         n3=f"{rng.randint(0, 999):03d}", n2=rng.randint(10, 99),
         key="".join(rng.choice(alphabet) for _ in range(24)),
         key2="".join(rng.choice(alphabet) for _ in range(12)))
-    return dict(rec, context=rec["context"] + snippet)
+
+
+def _pii(rng: random.Random, rec: dict[str, Any]) -> dict[str, Any]:
+    return dict(rec, context=rec["context"] + _pii_snippet(rng))
+
+
+def _turn_keys(rec: dict[str, Any]) -> tuple[str, str, str]:
+    """(list field, role key, content key) of an OpenAI or ShareGPT conversation record."""
+    return ("messages", "role", "content") if "messages" in rec else \
+        ("conversations", "from", "value")
+
+
+def _conversation_pii(rng: random.Random, rec: dict[str, Any]) -> dict[str, Any]:
+    """PII in the customer's first message (scrubbed by the prep stage, the record kept)."""
+    field, role, content = _turn_keys(rec)
+    turns = [dict(t) for t in rec[field]]
+    first = next(t for t in turns if t[role] in ("user", "human"))
+    first[content] += _pii_snippet(rng)
+    return dict(rec, **{field: turns})
+
+
+def _broken_conversation(rng: random.Random, rec: dict[str, Any], kind: int) -> dict[str, Any]:
+    """A conversation the prep stage must reject: 0, it ends on a user turn (the last answer
+    lost); 1, two assistant turns in a row (a follow-up question lost); 2, an empty assistant
+    turn."""
+    field, role, content = _turn_keys(rec)
+    turns = [dict(t) for t in rec[field]]
+    if kind == 0:
+        turns = turns[:-1]
+    elif kind == 1:
+        del turns[-2]
+    else:
+        first_answer = next(t for t in turns if t[role] in ("assistant", "gpt"))
+        first_answer[content] = rng.choice(["", " ", "\n"])
+    return dict(rec, **{field: turns})
 
 
 def _near_duplicate(rng: random.Random, rec: dict[str, Any]) -> dict[str, Any]:
@@ -418,28 +626,39 @@ def _overlong(rng: random.Random, idx: int) -> dict[str, Any]:
 
 
 def build_lines(n: int, seed: int, dirt: bool = True) -> list[bytes]:
-    """The demo file's lines as bytes (one line is deliberately not UTF-8)."""
+    """The demo file's lines as bytes (one line is deliberately not UTF-8): single-turn records
+    and conversations (``conversation_count`` of the clean ones), shuffled together."""
+    reingest = {"created_at": "2025-01-15T09:00:00Z", "source": "reingest_2025"}
     if not dirt:
-        return [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in clean_records(n, seed)]
+        n_conv = conversation_count(n)
+        records = list(clean_records(n - n_conv, seed))
+        records += conversation_records(n_conv, seed, first_id=n - n_conv + 1)
+        random.Random(seed + 2).shuffle(records)
+        return [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in records]
     budget = max(20, n // 20)
     n_exact, n_near, n_bad = budget * 25 // 100, budget * 20 // 100, budget * 12 // 100 + 4
     n_clean = n - n_exact - n_near - n_bad - 8          # 8: overlong + 7 broken/blank lines
-    records = list(clean_records(n_clean, seed))
+    n_conv = max(4, conversation_count(n_clean))
+    n_single = n_clean - n_conv
+    records = list(clean_records(n_single, seed))
+    conversations = list(conversation_records(n_conv, seed, first_id=n_single + 1))
     rng = random.Random(seed + 1)
     pii_ok = [i for i, r in enumerate(records) if r["category"] in ("classification", "extraction")]
-    pii_picks = set(rng.sample(pii_ok, budget * 18 // 100))
+    pii_picks = set(rng.sample(pii_ok, min(len(pii_ok), budget * 18 // 100)))
     for i in sorted(pii_picks):                                        # PII in the message
         records[i] = _pii(rng, records[i])
-    picks = rng.sample([i for i in range(n_clean) if i not in pii_picks], budget * 8 // 100 + 2)
+    picks = rng.sample([i for i in range(n_single) if i not in pii_picks], budget * 8 // 100 + 2)
     for i in picks:                                                    # stray characters
         records[i] = _unicode_dirt(rng, records[i])
     extra: list[dict[str, Any]] = []
-    sources = rng.sample(range(n_clean), n_exact + n_near + n_bad)
-    for i in sources[:n_exact]:                                        # re-ingested copies
-        extra.append(dict(records[i], created_at="2025-01-15T09:00:00Z", source="reingest_2025"))
-    for i in sources[n_exact:n_exact + n_near]:                        # near duplicates
+    # 1 of the exact copies and 3 of the bad records are conversations (below)
+    sources = rng.sample(range(n_single), n_exact + n_near + n_bad - 4)
+    n_copies = n_exact - 1
+    for i in sources[:n_copies]:                                       # re-ingested copies
+        extra.append(dict(records[i], **reingest))
+    for i in sources[n_copies:n_copies + n_near]:                      # near duplicates
         extra.append(_near_duplicate(rng, records[i]))
-    for k, i in enumerate(sources[n_exact + n_near:]):                 # bad responses
+    for k, i in enumerate(sources[n_copies + n_near:]):                # bad responses
         bad = dict(records[i])
         if k % 4 == 0:
             bad["response"] = rng.choice(["", "   ", "\n"])
@@ -450,11 +669,22 @@ def build_lines(n: int, seed: int, dirt: bool = True) -> list[bytes]:
         else:
             bad["response"] = rng.choice([42, ["positive"], {"label": "billing"}])
         extra.append(bad)
+    good = [i for i, c in enumerate(conversations) if c["quality_score"] >= 0.5] or \
+        list(range(n_conv))                        # rejected for their shape, not their quality
+    conv_sources = rng.sample(good, 4) if len(good) >= 4 else [good[k % len(good)]
+                                                               for k in range(4)]
+    extra.append(dict(conversations[conv_sources[0]], **reingest))   # a re-ingested conversation
+    for kind, i in enumerate(conv_sources[1:]):                      # malformed conversations
+        extra.append(_broken_conversation(rng, conversations[i], kind))
+    rest = [i for i in range(n_conv) if i not in conv_sources]
+    for i in rng.sample(rest, min(len(rest), max(1, budget * 2 // 100))):   # PII in a chat
+        conversations[i] = _conversation_pii(rng, conversations[i])
     extra.append(_overlong(rng, 0))
     for k, rec in enumerate(extra, start=n_clean + 1):
         rec["id"] = f"demo-{k:06d}"
     shaped = [_reshape(rng, r) for r in records]
-    lines = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in shaped + extra]
+    lines = [json.dumps(r, ensure_ascii=False).encode("utf-8")
+             for r in shaped + conversations + extra]
     cut = json.dumps(records[3], ensure_ascii=False).encode("utf-8")
     latin1 = dict(records[5], id="demo-latin1", context="Le caf\u00e9 est ferm\u00e9 le lundi.")
     lines += [cut[: len(cut) // 2], cut[: len(cut) - 7],               # cut mid-write

@@ -159,3 +159,32 @@ def test_chat_with_package_archive(tmp_path, tiny_adapter_dir, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and captured.out.strip()
     assert f"adapter {archive}" in captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# --server (answers through a running server: tests/test_serve.py)
+
+def test_help_shows_the_server_flags():
+    result = subprocess.run([sys.executable, str(ROOT / "llama_chat.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--server URL" in result.stdout and "--server-model NAME" in result.stdout
+
+
+def test_server_flag_problems_reported_together(capsys):
+    rc = main(["--server", "127.0.0.1:8000", "--base-model", "m", "--use-4bit",
+               "--dtype", "float32", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "http(s) URL" in err and "--base-model, --use-4bit, --dtype load a model here" in err
+    rc = main(["--adapter-path", "x", "--server-model", "m", "hi"])
+    assert rc == 2 and "--server-model is used only with --server" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_one_line_exit_74(capsys):
+    from llama_sft.serve import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["--server", url, "hi"]) == 74
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: no answer from the server at {url}")

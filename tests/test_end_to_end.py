@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from test_serve import check_demo_server
 
 import llama_evaluate
 import llama_package
@@ -114,6 +115,7 @@ def test_main_job_on_embedded_model(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert summary["exact_match_finetuned"] >= summary["exact_match_base"] + 0.3
     _check_demo_gguf(tmp_path)
+    check_demo_server(tmp_path)
 
 
 def _check_demo_gguf(wd: Path) -> None:

@@ -39,7 +39,8 @@ def test_healthy_pilot_says_go(tiny_model_dir, golden, tmp_path, capsys):
     assert rep["verdict"] == "go" and rep["failed_checks"] == []
     names = {c["name"] for c in rep["checks"]}
     assert names == {"supervised_token_ratio", "examples_without_eos_label", "zero_label_examples",
-                     "prompt_roundtrip_failures", "loss_drop", "non_finite_steps",
+                     "prompt_roundtrip_failures", "conversation_turn_failures", "loss_drop",
+                     "non_finite_steps",
                      "grad_norm_finite", "final_eval_loss", "stop_rate", "memory_fit"}
     assert rep["resources"]["tokens_per_s"] > 0 and rep["resources"]["peak_memory_mb"] > 0
     assert len(rep["samples"]) == 6 and {"prompt", "reference", "generation"} <= set(rep["samples"][0])
@@ -50,8 +51,8 @@ def test_healthy_pilot_says_go(tiny_model_dir, golden, tmp_path, capsys):
 def test_eos_masked_out_fails_the_data_check(tiny_model_dir, golden, tmp_path, monkeypatch):
     real = encode_example
 
-    def drop_eos_label(tokenizer, fmt, record, max_length, policy="truncate"):
-        enc = real(tokenizer, fmt, record, max_length, policy)
+    def drop_eos_label(tokenizer, fmt, record, max_length, policy="truncate", train_on="all"):
+        enc = real(tokenizer, fmt, record, max_length, policy, train_on)
         return replace(enc, labels=enc.labels[:-1] + [IGNORE_INDEX])
 
     monkeypatch.setattr(llama_sft.data.tokenize, "encode_example", drop_eos_label)
@@ -79,8 +80,8 @@ def test_all_responses_masked_is_no_go_before_training(tiny_model_dir, golden, t
                                                        monkeypatch):
     real = encode_example
 
-    def mask_everything(tokenizer, fmt, record, max_length, policy="truncate"):
-        enc = real(tokenizer, fmt, record, max_length, policy)
+    def mask_everything(tokenizer, fmt, record, max_length, policy="truncate", train_on="all"):
+        enc = real(tokenizer, fmt, record, max_length, policy, train_on)
         return replace(enc, labels=[IGNORE_INDEX] * len(enc.labels))
 
     monkeypatch.setattr(llama_sft.data.tokenize, "encode_example", mask_everything)

@@ -1,9 +1,11 @@
 """The package archive format: a reproducible ``.tar.gz`` of one folder with ``SHA256SUMS``.
 
-``verify_package`` checks gzip/tar integrity, the allowlist, member types and paths, size caps and
-every checksum without writing anything. ``extract_package`` verifies first, then extracts with
-tarfile's ``data`` filter into a temporary directory that is renamed into place, so a failed
-extraction leaves nothing. Damaged or hostile archives are ``DataError`` (exit 65).
+``verify_package`` checks gzip/tar integrity, the allowlist, member types and paths, size caps,
+every checksum and the adapter layout that serving needs (vLLM's ``--lora-modules`` reads
+``adapter_config.json`` and the tensor names peft writes) without writing anything.
+``extract_package`` verifies first, then extracts with tarfile's ``data`` filter into a temporary
+directory that is renamed into place, so a failed extraction leaves nothing. Damaged or hostile
+archives are ``DataError`` (exit 65).
 """
 from __future__ import annotations
 
@@ -15,20 +17,24 @@ import json
 import os
 import re
 import shutil
+import struct
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from llama_sft.adapter.layout import (ALLOWED_FILES, ARCHIVE_SUFFIXES, METADATA, REQUIRED_FILES,
-                                      SUMS)
+from llama_sft.adapter.layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALLOWED_FILES,
+                                      ARCHIVE_SUFFIXES, METADATA, REQUIRED_FILES, SUMS)
 from llama_sft.errors import DataError, UsageError
 from llama_sft.files import atomic_file, sha256_file
 
 DEFAULT_MAX_BYTES = 32 * 1024 ** 3     # total uncompressed size an archive may declare
 DEFAULT_MAX_MEMBERS = 64               # the allowlist has 16 names
-SMALL_FILE_CAP = 16 * 1024 ** 2        # SHA256SUMS and metadata.json are read into memory
+SMALL_FILE_CAP = 16 * 1024 ** 2        # read into memory: the KEPT_FILES (of the weights, the head)
 SCAN_CHUNK = 1 << 20
+KEPT_FILES = (SUMS, METADATA, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# peft's names for a LoRA saved without adapter name, as vLLM loads them
+PEFT_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>[\w.]+)\.lora_(?P<half>[AB])\.weight")
 
 
 def is_package_archive(path: str | os.PathLike) -> bool:
@@ -163,6 +169,60 @@ def parse_sums(archive: Path, text: bytes) -> dict[str, str]:
     return sums
 
 
+def check_serving_layout(archive: Path, config: bytes, weights_head: bytes) -> None:
+    """The adapter as vLLM (and peft) load it: ``adapter_config.json`` a LoRA with
+    ``target_modules``, ``r`` and ``lora_alpha``; every tensor in the weights named
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (no adapter name such as
+    ``.default.``), A and B in pairs. Only the safetensors header is read: the first 8 bytes
+    give its length, then JSON maps names to dtype, shape and offsets."""
+    where = f"{archive}: {ADAPTER_CONFIG}"
+    try:
+        cfg = json.loads(config)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{where} is not a JSON object")
+    missing = [k for k in ("target_modules", "r", "lora_alpha") if not cfg.get(k)]
+    if missing:
+        raise DataError(f"{where} lacks {', '.join(missing)}, which vLLM needs to load the "
+                        f"adapter")
+    if cfg.get("peft_type") != "LORA":
+        raise DataError(f"{where} has peft_type {cfg.get('peft_type')!r}, not 'LORA'; vLLM "
+                        f"serves LoRA adapters only")
+    names = _safetensors_names(archive, weights_head)
+    odd = [n for n in names if ".default." in n or not PEFT_LORA_KEY.fullmatch(n)]
+    if odd or not names:
+        raise DataError(f"{archive}: {ADAPTER_WEIGHTS} has tensor names outside peft's naming "
+                        f"(base_model.model.<module>.lora_A.weight / lora_B.weight), e.g. "
+                        f"{odd[0] if odd else '(no tensors)'!r}; vLLM cannot load it")
+    halves: dict[str, set[str]] = {}
+    for name in names:
+        match = PEFT_LORA_KEY.fullmatch(name)
+        halves.setdefault(match["module"], set()).add(match["half"])
+    unpaired = sorted(m for m, h in halves.items() if h != {"A", "B"})
+    if unpaired:
+        raise DataError(f"{archive}: {ADAPTER_WEIGHTS} has lora_A without lora_B (or the "
+                        f"reverse) for {unpaired[0]}")
+
+
+def _safetensors_names(archive: Path, head: bytes) -> list[str]:
+    """The tensor names in a safetensors header (``__metadata__`` left out)."""
+    where = f"{archive}: {ADAPTER_WEIGHTS}"
+    if len(head) < 8:
+        raise DataError(f"{where} is too short to be safetensors")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > len(head) - 8:
+        raise DataError(f"{where} declares a {length}-byte header, more than the file has (or "
+                        f"over {SMALL_FILE_CAP} bytes); not safetensors")
+    try:
+        header = json.loads(head[8:8 + length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where} has no valid safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{where} has no valid safetensors header")
+    return [name for name in header if name != "__metadata__"]
+
+
 def _check_sidecar(archive: Path) -> str:
     digest = sha256_file(archive)
     sidecar = archive.with_name(archive.name + ".sha256")
@@ -193,7 +253,7 @@ def verify_package(archive: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_B
             if name is None:
                 continue
             fh = tar.extractfile(member)
-            hashes[name], content = _hash_stream(fh, keep=name in (SUMS, METADATA))
+            hashes[name], content = _hash_stream(fh, keep=name in KEPT_FILES)
             if content is not None:
                 small[name] = content
     if check.top is None:
@@ -214,6 +274,7 @@ def verify_package(archive: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_B
         metadata = json.loads(small[METADATA])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{archive}: {METADATA} is not valid JSON ({exc})") from None
+    check_serving_layout(archive, small[ADAPTER_CONFIG], small[ADAPTER_WEIGHTS])
     return {"archive": str(archive), "sha256": digest, "folder": check.top,
             "name": metadata.get("name"), "version": metadata.get("version"),
             "base_model": metadata.get("base_model"), "model_size": metadata.get("model_size"),

@@ -14,7 +14,7 @@ from llama_sft.config.presets import DEFAULT_SIZE, Preset
 from llama_sft.config.settings import SECTIONS, load_config_file, resolve_config
 from llama_sft.errors import UsageError
 
-REPORT_TARGETS = ("tensorboard", "wandb")
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow")
 # Settings every preset sets (its row's value is the default), besides model_size and base_model.
 PRESET_FIELDS = frozenset(f.name for f in dataclasses.fields(Preset))
 
@@ -75,7 +75,8 @@ def add_training_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, .
                         help="log to Weights & Biases (offline mode when no key is configured)")
     parser.add_argument("--wandb-project", default="llama-sft", help="W&B project")
     parser.add_argument("--report-to", default="tensorboard",
-                        help=f"comma-separated: {', '.join(REPORT_TARGETS)}, none")
+                        help=f"comma-separated: {', '.join(REPORT_TARGETS)}, none (mlflow: "
+                             f"MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(parser, exclude=exclude, defaults=defaults, shown_defaults=shown_defaults)
 

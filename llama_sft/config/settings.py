@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_sft.config.presets import DEFAULT_SIZE, PRESETS, Preset, get_preset
+from llama_sft.data.conversation import TRAIN_ON
 from llama_sft.data.prompt_format import PROMPT_STYLES
 from llama_sft.errors import ConfigError
 
@@ -107,10 +108,13 @@ class DataSettings:
     packing: bool = setting(True, "padding-free packing of each batch into one row")
     prompt_style: str = setting("auto", "prompt format (auto: the tokenizer's chat template "
                                 "when it has one)", choices=PROMPT_STYLES)
+    train_on: str = setting("all", "assistant turns of a multi-turn conversation to supervise",
+                            choices=TRAIN_ON)
 
     def __post_init__(self):
         _check_positive("max_length", self.max_length)
         _check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        _check_choice("train_on", self.train_on, TRAIN_ON)
 
 
 @dataclass(frozen=True)

@@ -119,11 +119,34 @@ class PromptFormat:
         return split[0] + user + split[1] if split else self._apply_template(tokenizer, user)
 
     def _apply_template(self, tokenizer, user: str) -> str:
-        messages = [{"role": "user", "content": user}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.apply_messages(tokenizer, [{"role": "user", "content": user}],
+                                   add_generation_prompt=True)
+
+    def apply_messages(self, tokenizer, messages: list[dict[str, str]],
+                       add_generation_prompt: bool = False) -> str:
+        """The chat template rendered on ``messages`` (the system prompt first, when one is set
+        and the messages have none)."""
+        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    def render_record(self, tokenizer, record: dict) -> str:
+        """The prompt text of a record: for a conversation, its history before the last answer."""
+        if record.get("messages"):
+            from llama_sft.data.conversation import history_prompt
+
+            return history_prompt(tokenizer, self, record["messages"])
+        return self.render(tokenizer, record["instruction"], record.get("context") or "")
+
+    def encode_record_prompt(self, tokenizer, record: dict) -> list[int]:
+        """The prompt ids generation gets for a record (``render_record``, tokenized)."""
+        if record.get("messages"):
+            text = self.render_record(tokenizer, record)
+            return list(tokenizer(text, add_special_tokens=self.adds_special_tokens)
+                        ["input_ids"])
+        return self.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
 
     def _template_split(self, tokenizer) -> tuple[str, str] | None:
         """(text before, text after) the user message, when the chat template inserts the message

@@ -4,6 +4,10 @@ One JSON object per line in ``sft_dataset.jsonl`` and ``golden_set.jsonl``::
 
     {"id": str, "split": "train"|"val"|"test"|"golden", "category": str,
      "instruction": str, "context": str, "response": str, "metadata": {...}}
+
+A multi-turn conversation also has ``"messages": [{"role": "system"|"user"|"assistant",
+"content": str}, ...]`` (after ``response``), ending on an assistant turn; its ``instruction`` and
+``response`` are the last user and assistant turns.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from llama_sft.errors import DataError, UsageError
 
 SPLITS = ("train", "val", "test", "golden")
 REQUIRED_FIELDS = ("instruction", "response")
+ROLES = ("system", "user", "assistant")
 
 
 def read_sft_jsonl(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
@@ -66,3 +71,10 @@ def _check_record(record: Any, path: Path, lineno: int) -> None:
     for key in REQUIRED_FIELDS:
         if not isinstance(record.get(key), str):
             raise DataError(f"{path}:{lineno}: field {key!r} missing or not a string")
+    messages = record.get("messages")
+    if messages is not None and not (
+            isinstance(messages, list) and messages and messages[-1].get("role") == "assistant"
+            and all(isinstance(m, dict) and m.get("role") in ROLES
+                    and isinstance(m.get("content"), str) for m in messages)):
+        raise DataError(f"{path}:{lineno}: field 'messages' must be a list of "
+                        f"{{role: {'|'.join(ROLES)}, content: str}} ending on an assistant turn")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from llama_sft.data.conversation import fit_conversation
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.errors import UsageError
 
@@ -35,14 +36,17 @@ class Encoded:
 
 
 def encode_example(tokenizer, fmt: PromptFormat, record: dict[str, Any], max_length: int,
-                   policy: str = "truncate") -> Encoded | None:
+                   policy: str = "truncate", train_on: str = "all") -> Encoded | None:
     """Tokenize one record: prompt masked, response + terminator supervised.
 
     Over ``max_length``: policy ``drop`` returns None; ``truncate`` cuts the end of the response
     (the terminator then is not supervised, and ``truncated`` is set) but never the whole
     response: when fewer than 8 response tokens would remain, the example is dropped (None).
+    A conversation (a record with ``messages``) goes through ``data.conversation``: every
+    assistant turn supervised (``train_on`` all) or the last, and truncation removes whole
+    exchanges from the start.
     """
-    return encode_batch(tokenizer, fmt, [record], max_length, policy)[0]
+    return encode_batch(tokenizer, fmt, [record], max_length, policy, train_on)[0]
 
 
 def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], terminator_id: int,
@@ -65,15 +69,45 @@ def assemble_example(prompt_ids: Sequence[int], response_ids: Sequence[int], ter
 
 
 def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]], max_length: int,
-                 policy: str = "truncate") -> list[Encoded | None]:
+                 policy: str = "truncate", train_on: str = "all") -> list[Encoded | None]:
     """``encode_example`` for many records, one fast-tokenizer batch call per side.
 
     Returns one entry per record (None where ``encode_example`` would return None).
     """
     terminator = _terminator(tokenizer, fmt)
-    prompt_ids, response_ids = tokenize_batch(tokenizer, fmt, records)
-    return [assemble_example(p, r, terminator, max_length, policy)
-            for p, r in zip(prompt_ids, response_ids)]
+    single = [i for i, r in enumerate(records) if not r.get("messages")]
+    prompt_ids, response_ids = tokenize_batch(tokenizer, fmt, [records[i] for i in single])
+    out: list[Encoded | None] = [None] * len(records)
+    for i, p, r in zip(single, prompt_ids, response_ids):
+        out[i] = assemble_example(p, r, terminator, max_length, policy)
+    for i, record in enumerate(records):
+        if record.get("messages"):
+            fitted = fit_conversation(tokenizer, fmt, record["messages"], max_length, policy,
+                                      train_on)
+            out[i] = None if fitted is None else Encoded(fitted[0], fitted[1], fitted[2] > 0)
+    return out
+
+
+def measure_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]],
+                  max_length: int, policy: str = "truncate"
+                  ) -> list[tuple[int, int, bool] | str]:
+    """Per record (tokens, supervised tokens, truncated) as ``encode_batch`` would encode it,
+    or why it does not fit; for callers that need no ids (the prep stage)."""
+    single = [i for i, r in enumerate(records) if not r.get("messages")]
+    prompts, responses = count_tokens_batch(tokenizer, fmt, [records[i] for i in single])
+    out: list[tuple[int, int, bool] | str] = [""] * len(records)
+    why = "; fewer than 8 response tokens would remain" if policy == "truncate" else ""
+    for i, n_prompt, n_response in zip(single, prompts, responses):
+        out[i] = example_lengths(n_prompt, n_response, max_length, policy) or (
+            f"{n_prompt + n_response + 1} tokens (prompt {n_prompt}) > --max-length "
+            f"{max_length} (policy {policy}{why})")
+    for i, record in enumerate(records):
+        if record.get("messages"):
+            fitted = fit_conversation(tokenizer, fmt, record["messages"], max_length, policy)
+            out[i] = (len(fitted[0]), sum(t != IGNORE_INDEX for t in fitted[1]), fitted[2] > 0) \
+                if fitted else (f"conversation over --max-length {max_length} (policy {policy}; "
+                                f"truncation keeps whole exchanges and the last one)")
+    return out
 
 
 def _terminator(tokenizer, fmt: PromptFormat) -> int:
@@ -145,7 +179,8 @@ def example_lengths(prompt_len: int, response_len: int, max_length: int,
 
 
 def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any]],
-                   max_length: int, policy: str = "truncate") -> tuple[list[Encoded], int]:
+                   max_length: int, policy: str = "truncate", train_on: str = "all"
+                   ) -> tuple[list[Encoded], int]:
     """Encode many records; returns the kept examples and how many were dropped.
 
     Dropped: empty (whitespace-only) responses, examples over ``max_length`` that ``policy``
@@ -156,7 +191,7 @@ def encode_records(tokenizer, fmt: PromptFormat, records: Iterable[dict[str, Any
         if not record["response"].strip():
             dropped += 1              # an empty answer would only teach the model to stop
             continue
-        enc = encode_example(tokenizer, fmt, record, max_length, policy)
+        enc = encode_example(tokenizer, fmt, record, max_length, policy, train_on)
         if enc is None or enc.num_supervised == 0:
             dropped += 1
         else:

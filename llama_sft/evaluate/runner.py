@@ -35,7 +35,7 @@ def teacher_forced_losses(model, tokenizer, fmt, records: Sequence[dict], max_le
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    encoded = [encode_example(tokenizer, fmt, r, max_length) for r in records]
+    encoded = [encode_example(tokenizer, fmt, r, max_length, train_on="last") for r in records]
     valid = [i for i, e in enumerate(encoded) if e is not None and e.num_supervised]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from llama_sft.evaluate.runner import run_model, select_records
 from llama_sft.evaluate.settings import DEFAULT_MAX_LENGTH, GenerationSettings, validate_args
 from llama_sft.files import now_iso, sha256_file, write_json
 from llama_sft.model.loading import load_for_inference
+from llama_sft.tracking import TrackedRun, log_evaluation
 
 
 def evaluate(args, gen: GenerationSettings, gates: dict[str, float]) -> dict[str, Any]:
@@ -27,9 +28,8 @@ def evaluate(args, gen: GenerationSettings, gates: dict[str, float]) -> dict[str
         trained = info["training_config"] or {}
         max_length = args.max_length or trained.get("max_length") or DEFAULT_MAX_LENGTH
         tok, fmt = loaded.tokenizer, loaded.prompt_format
-        prompts_text = [fmt.render(tok, r["instruction"], r.get("context") or "") for r in records]
-        prompts = [fmt.encode_prompt(tok, r["instruction"], r.get("context") or "")
-                   for r in records]
+        prompts_text = [fmt.render_record(tok, r) for r in records]
+        prompts = [fmt.encode_record_prompt(tok, r) for r in records]
         ft_samples, ft_speed = run_model(loaded.model, tok, fmt, records, prompts, gen,
                                          max_length, "fine-tuned")
         base_samples = base_speed = None
@@ -57,12 +57,18 @@ def evaluate(args, gen: GenerationSettings, gates: dict[str, float]) -> dict[str
 
 
 def run(args) -> int:
-    """Check the flags, evaluate, write the report; a failed ``--fail-under`` gate exits 1."""
+    """Check the flags, evaluate, write the report (with ``--mlflow``, also into the training's
+    MLflow run); a failed ``--fail-under`` gate exits 1."""
     gen, gates = validate_args(args)
+    # the training's MLflow run must be there before any model is loaded
+    tracked = TrackedRun.for_adapter(args.adapter_path, "--mlflow") if args.mlflow else None
     report = evaluate(args, gen, gates)
     write_json(args.output, report)
     print(format_table(report["finetuned"], report["base"]))
     print(f"report written to {args.output}")
+    if tracked is not None:
+        log_evaluation(tracked, report, args.output)
+        print(f"logged to MLflow run {tracked.run_id}")
     if not report["gates"]["passed"]:
         failed = [reason for c in report["gates"]["checks"] for reason in c["reasons"]]
         raise PipelineError(f"evaluation gate failed: {'; '.join(failed)} "

@@ -194,7 +194,7 @@ llm = Llama(model_path="{path}", n_ctx=4096)
 As an OpenAI-compatible server, then any OpenAI client on `http://127.0.0.1:8000/v1`:
 
 ```bash
-python3 -m llama_cpp.server --model {path} --host 127.0.0.1 --port 8000
+python3 -m llama_cpp.server --model {path} --chat_format chat_template.default --host 127.0.0.1 --port 8000
 llama-server -m {path} --host 127.0.0.1 --port 8000        # llama.cpp's own binary
 ```
 """

@@ -30,6 +30,9 @@ def data_checks(tokenizer, fmt, records, max_length: int, ratio_range: tuple[flo
     tokens = sum(len(e) for e in kept)
     ratio = sum(e.num_supervised for e in kept) / tokens if tokens else 0.0
     bad_roundtrip = [r.get("id") for r in records[:50] if not _roundtrips(tokenizer, fmt, r)]
+    bad_turns = [r.get("id") for r, e in zip(records, encoded)
+                 if e is not None and r.get("messages") and not _turns_supervised(
+                     tokenizer, terminator, r["messages"], e)]
     lo, hi = ratio_range
     return [
         Check("data", "supervised_token_ratio", round(ratio, 4), f"in [{lo}, {hi}]",
@@ -40,16 +43,40 @@ def data_checks(tokenizer, fmt, records, max_length: int, ratio_range: tuple[flo
         Check("data", "zero_label_examples", zero, "== 0", zero == 0),
         Check("data", "prompt_roundtrip_failures", len(bad_roundtrip), "== 0", not bad_roundtrip,
               ", ".join(map(str, bad_roundtrip[:5]))),
+        Check("data", "conversation_turn_failures", len(bad_turns), "== 0", not bad_turns,
+              "every assistant turn supervised, through its end-of-turn token, and nothing "
+              "else; " + ", ".join(map(str, bad_turns[:5]))),
     ]
 
 
+def _turns_supervised(tokenizer, terminator: int, messages, example) -> bool:
+    """Whether the supervised runs of a conversation are exactly its assistant turns (the last
+    ones, when truncation removed earlier exchanges), each ending in the terminator."""
+    runs, run = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label != tokenize.IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    return bool(runs) and len(runs) <= len(answers) and all(
+        r[-1] == terminator and tokenizer.decode(r[:-1]) in (a, " " + a)
+        for r, a in zip(runs, answers[-len(runs):]))
+
+
 def _roundtrips(tokenizer, fmt, record) -> bool:
-    text = fmt.render(tokenizer, record["instruction"], record.get("context") or "")
-    ids = fmt.encode_prompt(tokenizer, record["instruction"], record.get("context") or "")
+    text = fmt.render_record(tokenizer, record)
+    ids = fmt.encode_record_prompt(tokenizer, record)
     decoded = tokenizer.decode(ids, skip_special_tokens=False)
     if fmt.adds_special_tokens and tokenizer.bos_token and decoded.startswith(tokenizer.bos_token):
         decoded = decoded[len(tokenizer.bos_token):].lstrip(" ") if not text.startswith(" ") else \
             decoded[len(tokenizer.bos_token):]
+    # SentencePiece (Llama 2) starts every text span with "▁", also the one after a special token
+    # inside the prompt (as Meta's per-turn encoding does); decoding shows it as a space
+    for special in tokenizer.all_special_tokens:
+        if special + " " not in text:
+            decoded = decoded.replace(special + " ", special)
     return decoded == text
 
 

@@ -66,6 +66,11 @@ def run(args) -> int:
     report["failed_checks"] = [c.name for c in checks if not c.passed]
     report["checks"] = [asdict(c) for c in sorted(checks, key=lambda c: c.passed)]
     write_json(out / REPORT, report)
+    if "mlflow" in targets and (out / "final_model" / "tracking.json").is_file():
+        from llama_sft.tracking import TrackedRun
+
+        TrackedRun.for_adapter(out / "final_model", "--report-to").log_artifact(out / REPORT,
+                                                                              "pilot")
     print_table(checks, verdict)
     print(f"report: {out / REPORT}")
     return EXIT_OK if verdict == "go" else EXIT_GATE
@@ -95,7 +100,7 @@ def train_and_check(args, cfg, targets: tuple[str, ...], golden: list[dict], tok
                         else ""))
     samples = golden[:args.num_samples]
     model = trainer.acc.unwrap_model(trainer.model)
-    prompts = [fmt.encode_prompt(tokenizer, r["instruction"], r.get("context") or "")
+    prompts = [fmt.encode_record_prompt(tokenizer, r)
                for r in samples]
     gens, _ = generate_many(model, tokenizer, prompts, batch_size=8,
                             max_new_tokens=args.max_new_tokens,
@@ -114,7 +119,7 @@ def train_and_check(args, cfg, targets: tuple[str, ...], golden: list[dict], tok
                         str(fit.get("suggestion", ""))))
     return {"losses": losses, "resources": resources, "train_summary": result.summary,
             "samples": [{"id": r.get("id"), "category": r.get("category"),
-                         "prompt": fmt.render(tokenizer, r["instruction"], r.get("context") or ""),
+                         "prompt": fmt.render_record(tokenizer, r),
                          "reference": r["response"], "generation": g.text, "stopped": g.stopped,
                          "exact_match": g.text.strip() == r["response"].strip()}
                         for r, g in zip(samples, gens)]}

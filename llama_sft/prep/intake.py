@@ -12,13 +12,23 @@ from typing import Any, Iterator
 
 from llama_sft.cli import progress_bar
 from llama_sft.errors import DataError
-from llama_sft.prep.minhash import MinHasher, NearDuplicateIndex, SignatureStore, text_jaccard
+from llama_sft.prep.minhash import (SHORT_RECORD_CHARS, MinHasher, NearDuplicateIndex, ShortPrompt,
+                                    SignatureStore, short_prompt, text_jaccard)
 from llama_sft.prep.options import MAX_AUTO_WORKERS, PARALLEL_MIN_BYTES, PrepConfig
-from llama_sft.prep.readers import Item, detect_format, jsonl_lines, open_input, read_items
-from llama_sft.prep.records import Prepared, Rejected, parse_quality, prepare_value
+from llama_sft.prep.readers import (HubSource, Item, detect_format, jsonl_lines, open_input,
+                                    read_items)
+from llama_sft.prep.records import Prepared, Rejected, parse_quality, prepare_value, user_text
 from llama_sft.prep.report import RejectLog
 from llama_sft.prep.workers import (PREP_CHUNK, _chunks, _fork_pool, _ordered_map, _prepare_chunk,
                                     _worker_init)
+
+
+def _short_prompt(record: dict[str, Any]) -> ShortPrompt | None:
+    """A short record's prompt keyed for the one-word near-duplicate check; None if long."""
+    if len(record["instruction"]) + len(record["context"]) + len(record["response"]) \
+            > SHORT_RECORD_CHARS:
+        return None
+    return short_prompt(user_text(record), record["response"])
 
 
 @dataclass
@@ -88,7 +98,8 @@ class Intake:
             return 0
         if self.cfg.workers is not None:
             return self.cfg.workers
-        size = sum(Path(name).stat().st_size for name in self.cfg.enriched)
+        size = sum(Path(name).stat().st_size for name in self.cfg.enriched
+                   if not HubSource.matches(name))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         # one per CPU although the main process needs one too: it waits on them part of the time
@@ -152,12 +163,14 @@ class Intake:
         # while reading, store row i belongs to self.kept[i] (both grow only here)
         same_answer = lambda row: text_jaccard(  # noqa: E731
             record["response"], self.kept[row].record["response"]) >= self.cfg.dedup_threshold
-        match = index.best_match(mh, same_answer)
+        short = _short_prompt(record)
+        match = index.best_match(mh, same_answer, short)
         if match is not None:
-            other = index.keys[match[0]]
-            self.rejects.add("near_duplicate", f"near-duplicate (Jaccard {match[1]:.2f}, same "
-                             f"answer) of {other}", file, loc, rec_id=record["id"],
-                             duplicate_of=other)
+            other = index.keys[match.row]
+            apart = "prompt one word apart, " if match.one_word else ""
+            self.rejects.add("near_duplicate", f"near-duplicate ({apart}Jaccard "
+                             f"{match.jaccard:.2f}, same answer) of {other}", file, loc,
+                             rec_id=record["id"], duplicate_of=other)
             return
         if record["id"] is None:
             record["id"] = "rec-" + key.hex()[:12]
@@ -167,7 +180,7 @@ class Intake:
             return
         seen_keys[key] = record["id"]
         seen_ids[record["id"]] = where
-        row = index.add(mh, record["id"])
+        row = index.add(mh, record["id"], short)
         self.kept.append(Kept(record, file, loc, quality, row))
 
     def _count_cleaning(self, cleaning: set[str], pii: dict[str, int]) -> None:

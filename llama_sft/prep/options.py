@@ -8,12 +8,14 @@ from typing import Any
 from llama_sft.config.presets import PRESETS
 from llama_sft.data.prompt_format import PROMPT_STYLES
 from llama_sft.errors import UsageError
+from llama_sft.prep.readers import resolve_inputs
 
 STAGE = "prep"
 OUTPUT_FILES = ("sft_dataset.jsonl", "golden_set.jsonl", "training_config.json",
                 "prep_report.json", "rejects.jsonl", "manifest.json")
-INPUT_FORMATS = ("auto", "jsonl", "json", "csv", "tsv")
-MAPPABLE_KEYS = ("id", "instruction", "context", "response", "category", "quality", "messages")
+INPUT_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "arrow")
+MAPPABLE_KEYS = ("id", "instruction", "context", "response", "category", "quality", "messages",
+                 "conversations")
 
 # Reasons a record is invalid: these count towards --max-reject-fraction.
 INVALID_REASONS = ("not_utf8", "invalid_json", "truncated_line", "not_an_object",
@@ -31,9 +33,11 @@ MAX_AUTO_WORKERS = 8
 class PrepConfig:
     """The prep options (written to the manifest as the stage's config)."""
 
-    enriched: tuple[str, ...]                 # input files
+    enriched: tuple[str, ...]                 # input files, Arrow shards and hub sources
     output_dir: str = "./sft_output"
-    input_format: str = "auto"                # auto | jsonl | json | csv | tsv
+    input_format: str = "auto"                # auto | jsonl | json | csv | tsv | parquet | arrow
+    hf_split: str = "train"                   # split of a hub dataset or DatasetDict directory
+    hf_config: str | None = None              # configuration (subset) of a hub dataset
     field_map: dict[str, str] = field(default_factory=dict)  # canonical key -> input field
     min_quality: float | None = None          # drop records whose quality score is below this
     max_reject_fraction: float = 0.1          # share of invalid records that fails the run
@@ -57,6 +61,8 @@ class PrepConfig:
         out = []
         if self.input_format not in INPUT_FORMATS:
             out.append(f"--input-format must be one of {', '.join(INPUT_FORMATS)}")
+        if not self.hf_split.strip():
+            out.append("--hf-split must name a split")
         unknown = sorted(set(self.field_map) - set(MAPPABLE_KEYS))
         if unknown:
             out.append(f"--field-map: unknown key(s) {', '.join(unknown)}; "
@@ -107,7 +113,10 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepConfig:
+    """The options from the command line, ``--enriched`` resolved to what is read (globs
+    expanded, save_to_disk directories as their Arrow shards, hub ids checked)."""
     values = vars(args).copy()
-    values["enriched"] = tuple(values["enriched"])
     values["field_map"] = parse_field_map(values["field_map"])
+    values["enriched"] = resolve_inputs(values["enriched"], values["hf_split"],
+                                        values["hf_config"])
     return PrepConfig(**values)

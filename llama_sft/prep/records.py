@@ -18,6 +18,10 @@ from llama_sft.prep.readers import _excerpt, _type_name
 
 QUALITY_FIELDS = ("quality_score", "quality", "score")
 DEFAULT_CATEGORY = "general"
+CONVERSATION_SHAPES = {"messages": "chat", "conversations": "sharegpt"}   # field -> shape
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+         "ai": "assistant"}   # OpenAI and ShareGPT role names (any case) -> the three we keep
 
 
 class RecordError(Exception):
@@ -32,14 +36,16 @@ class RecordError(Exception):
 
 def detect_shape(value: dict[str, Any], field_map: dict[str, str]) -> tuple[str, dict[str, str]]:
     """The record's shape and where its canonical fields are (``--field-map`` wins)."""
-    if "messages" in field_map:
-        return "chat", {"messages": field_map["messages"]}
+    for key, shape in CONVERSATION_SHAPES.items():
+        if key in field_map:
+            return shape, {key: field_map[key]}
     if "instruction" in field_map and "response" in field_map:
         context = field_map.get("context") or ("input" if "input" in value else "context")
         return "field_map", {"instruction": field_map["instruction"], "context": context,
                              "response": field_map["response"]}
-    if "messages" in value:
-        shape, mapping = "chat", {"messages": "messages"}
+    conversation = next((k for k in CONVERSATION_SHAPES if k in value), None)
+    if conversation is not None:
+        shape, mapping = CONVERSATION_SHAPES[conversation], {conversation: conversation}
     elif "instruction" in value and "output" in value and "response" not in value:
         shape, mapping = "alpaca", {"instruction": "instruction", "context": "input",
                                     "response": "output"}
@@ -54,8 +60,8 @@ def detect_shape(value: dict[str, Any], field_map: dict[str, str]) -> tuple[str,
     else:
         keys = ", ".join(sorted(map(str, value))[:12]) or "none"
         raise RecordError("unknown_shape", f"no known record shape (keys: {keys}); expected "
-                          f"instruction/response, instruction/output, prompt/completion or "
-                          f"messages, or pass --field-map")
+                          f"instruction/response, instruction/output, prompt/completion, "
+                          f"messages or conversations, or pass --field-map")
     for key in ("instruction", "context", "response"):
         if key in field_map:
             mapping[key] = field_map[key]
@@ -77,25 +83,69 @@ def _text(value: dict[str, Any], key: str | None, required: bool) -> str:
     return text
 
 
-def _from_messages(messages: Any) -> tuple[str, str, str | None]:
-    """(user, assistant, system) of a single-turn chat record."""
+def _turn(i: int, message: Any) -> tuple[str, str]:
+    """Message ``i`` as (role, content), its role one of system/user/assistant; reads OpenAI
+    (role/content) and ShareGPT (from/value) keys alike."""
+    if not isinstance(message, dict):
+        raise RecordError("bad_chat", f"message {i} is {_type_name(message)}, not an object")
+    role = message.get("role", message.get("from"))
+    if not isinstance(role, str) or role.strip().lower() not in ROLES:
+        found = "no role ('role' or 'from')" if role is None else f"unknown role {role!r}"
+        raise RecordError("bad_chat", f"message {i} has {found}; expected one of "
+                          f"{', '.join(ROLES)}")
+    content = message["content"] if "content" in message else message.get("value")
+    if not isinstance(content, str):
+        raise RecordError("wrong_type", f"message {i} content is {_type_name(content)}, "
+                          f"not a string")
+    return ROLES[role.strip().lower()], content
+
+
+def _check_order(roles: list[str]) -> None:
+    """RecordError unless ``roles`` are an optional system turn, then user and assistant turns
+    alternating from a user turn to an assistant turn (details name the message's index)."""
+    previous = None
+    for i, role in enumerate(roles):
+        if role == "system" and i:
+            raise RecordError("bad_chat", f"message {i} is a system turn; only the first "
+                              f"message may be one")
+        if previous in (None, "system") and role == "assistant":
+            raise RecordError("bad_chat", f"message {i} is an assistant turn; the conversation "
+                              f"must start with a user turn (after an optional system turn)")
+        if role == previous:
+            raise RecordError("bad_chat", f"message {i} is a second {role} turn in a row; "
+                              f"expected one user turn then one assistant turn, alternating")
+        previous = role
+    if "assistant" not in roles:
+        raise RecordError("bad_chat", "the conversation has no assistant turn")
+    if previous == "user":
+        raise RecordError("bad_chat", f"message {len(roles) - 1} is a user turn; the "
+                          f"conversation must end on an assistant turn")
+
+
+def _conversation(value: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """The conversation in ``value[field]`` as validated (role, content) turns."""
+    if field not in value:
+        raise RecordError("missing_field", f"field {field!r} is missing")
+    messages = value[field]
     if not isinstance(messages, list):
-        raise RecordError("wrong_type", f"field 'messages' is {_type_name(messages)}, "
+        raise RecordError("wrong_type", f"field {field!r} is {_type_name(messages)}, "
                           f"not a list")
-    turns = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise RecordError("bad_chat", f"message {i} is not an object with a role")
-        if not isinstance(msg.get("content"), str):
-            raise RecordError("wrong_type", f"message {i} content is "
-                              f"{_type_name(msg.get('content'))}, not a string")
-        turns.append((msg["role"], msg["content"]))
-    system = turns.pop(0)[1] if turns and turns[0][0] == "system" else None
-    roles = [r for r, _ in turns]
-    if roles != ["user", "assistant"]:
-        raise RecordError("bad_chat", f"expected one user turn then one assistant turn (after an "
-                          f"optional system turn), got roles {roles}")
-    return turns[0][1], turns[1][1], system
+    turns = [_turn(i, message) for i, message in enumerate(messages)]
+    _check_order([role for role, _ in turns])
+    return turns
+
+
+def _conversation_fields(turns: list[tuple[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(text fields, metadata additions) of a validated conversation. One exchange gives the
+    record a single-turn chat always gave (system prompt in metadata), so old inputs keep their
+    outputs; more also keep every turn under ``messages``, system turn first. Either way the
+    last exchange is the instruction and the response."""
+    fields = {"instruction": turns[-2][1], "context": "", "response": turns[-1][1]}
+    has_system = turns[0][0] == "system"
+    if len(turns) - has_system > 2:
+        fields["messages"] = [{"role": role, "content": content} for role, content in turns]
+        return fields, {}
+    return fields, ({"system_prompt": turns[0][1]} if has_system else {})
 
 
 def _raw_quality(value: dict[str, Any], field_map: dict[str, str]) -> Any:
@@ -123,15 +173,13 @@ def to_record(value: dict[str, Any], field_map: dict[str, str]) -> tuple[dict[st
     shape, mapping = detect_shape(value, field_map)
     consumed = set(mapping.values())
     metadata_extra: dict[str, Any] = {}
-    if shape == "chat":
-        instruction, response, system = _from_messages(value[mapping["messages"]])
-        context = ""
-        if system is not None:
-            metadata_extra["system_prompt"] = system
+    conversation = next((k for k in CONVERSATION_SHAPES if k in mapping), None)
+    if conversation is not None:
+        fields, metadata_extra = _conversation_fields(_conversation(value, mapping[conversation]))
     else:
-        instruction = _text(value, mapping.get("instruction"), True)
-        response = _text(value, mapping.get("response"), True)
-        context = _text(value, mapping.get("context"), False)
+        fields = {"instruction": _text(value, mapping.get("instruction"), True),
+                  "context": _text(value, mapping.get("context"), False),
+                  "response": _text(value, mapping.get("response"), True)}
     id_key, cat_key = field_map.get("id", "id"), field_map.get("category", "category")
     rec_id = value.get(id_key)
     if isinstance(rec_id, bool) or not isinstance(rec_id, (str, int, type(None))):
@@ -145,25 +193,32 @@ def to_record(value: dict[str, Any], field_map: dict[str, str]) -> tuple[dict[st
     metadata = {k: v for k, v in value.items() if k not in consumed}
     metadata.update(metadata_extra)
     record = {"id": str(rec_id).strip() if rec_id is not None and str(rec_id).strip() else None,
-              "split": None, "category": category, "instruction": instruction,
-              "context": context, "response": response, "metadata": metadata}
+              "split": None, "category": category, **fields, "metadata": metadata}
     return record, shape, _raw_quality(value, field_map)
 
 
 def user_text(record: dict[str, Any]) -> str:
-    """The user turn as the prompt formats render it (instruction, blank line, context)."""
+    """The prompt: the user turn as the prompt formats render it (instruction, blank line,
+    context); for a multi-turn record every turn before the last answer, each after its role,
+    so the keys below cover the whole conversation and swapping user and assistant text
+    changes them."""
+    if "messages" in record:
+        return "\n\n".join(f"{turn['role']}: {turn['content']}"
+                           for turn in record["messages"][:-1])
     return f"{record['instruction']}\n\n{record['context']}" if record["context"] \
         else record["instruction"]
 
 
 def exact_key(record: dict[str, Any]) -> bytes:
-    """Dedup key: prompt and response with whitespace collapsed (shape-independent)."""
+    """Dedup key: prompt (``user_text``) and response with whitespace collapsed
+    (shape-independent)."""
     text = " ".join(user_text(record).split()) + "\x1f" + " ".join(record["response"].split())
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
 def fuzzy_source(record: dict[str, Any]) -> str:
-    """The text that near-duplicate and contamination checks compare, before normalizing."""
+    """The text that near-duplicate and contamination checks compare, before normalizing: the
+    prompt (``user_text``, the whole conversation before the last answer) and the response."""
     return user_text(record) + " " + record["response"]
 
 
@@ -185,25 +240,50 @@ class Prepared:
 
 
 def clean_record(record: dict[str, Any], pii_scrub: bool) -> tuple[set[str], Counter]:
-    """Clean the text fields and scrub PII in place; what changed and what was scrubbed.
-    A record left without instruction or response raises RecordError (which still carries
-    what was changed and scrubbed: the report counts the cleaning of every record)."""
+    """Clean the text fields (and every turn of a multi-turn record) and scrub PII in place;
+    what changed and what was scrubbed. A record left without instruction or response, or with
+    an empty user or assistant turn, raises RecordError (which still carries what was changed
+    and scrubbed: the report counts the cleaning of every record)."""
     changed: set[str] = set()
     for key in ("instruction", "context", "response"):
         record[key], what = clean_text(record[key])
         changed |= what
+    for turn in record.get("messages", ()):
+        turn["content"], what = clean_text(turn["content"])
+        changed |= what
     category = clean_text(record["category"] or "")[0]
     record["category"] = category or DEFAULT_CATEGORY
     found: Counter = Counter()
-    fields = ("instruction", "context", "response", "metadata")
+    fields = _scrubbed_fields(record)
     if pii_scrub and may_hold_pii(_strings([record[key] for key in fields])):
         for key in fields:
             record[key] = _scrub_value(record[key], found)
+    if "messages" in record:
+        record["instruction"] = record["messages"][-2]["content"]
+        record["response"] = record["messages"][-1]["content"]
+    _check_not_empty(record, changed, found)
+    return changed, found
+
+
+def _scrubbed_fields(record: dict[str, Any]) -> tuple[str, ...]:
+    """The fields PII scrubbing reads: a multi-turn record's instruction and response are its
+    last turns, scrubbed (and counted) once there."""
+    if "messages" in record:
+        return ("context", "messages", "metadata")
+    return ("instruction", "context", "response", "metadata")
+
+
+def _check_not_empty(record: dict[str, Any], changed: set[str], found: Counter) -> None:
+    """RecordError for an empty user or assistant turn, instruction or response."""
+    for i, turn in enumerate(record.get("messages", ())):
+        if not turn["content"] and turn["role"] != "system":
+            reason = "empty_response" if turn["role"] == "assistant" else "empty_instruction"
+            raise RecordError(reason, f"message {i}: the {turn['role']} turn is empty after "
+                              f"cleaning", changed, found)
     for key in ("instruction", "response"):
         if not record[key]:
             raise RecordError(f"empty_{key}", f"the {key} is empty after cleaning", changed,
                               found)
-    return changed, found
 
 
 class Rejected(NamedTuple):

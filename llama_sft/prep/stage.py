@@ -16,13 +16,14 @@ from typing import Any, Iterator
 from llama_sft.cli import progress_bar
 from llama_sft.config.presets import DEFAULT_SIZE, get_preset
 from llama_sft.data.prompt_format import PromptFormat
-from llama_sft.data.tokenize import count_tokens_batch, example_lengths
+from llama_sft.data.tokenize import measure_batch
 from llama_sft.errors import DataError, UsageError
 from llama_sft.files import atomic_output_dir, describe_inputs, write_json, write_manifest
 from llama_sft.model.loading import load_tokenizer
 from llama_sft.prep.contamination import decontaminate
 from llama_sft.prep.intake import Intake, Kept
 from llama_sft.prep.options import STAGE, PrepConfig
+from llama_sft.prep.readers import HubSource
 from llama_sft.prep.report import RejectLog, _print_summary, build_report
 from llama_sft.prep.splits import assign_splits
 from llama_sft.prep.training_config import derive_training_config
@@ -71,17 +72,12 @@ class Prep:
         with progress_bar(self.progress, total=len(self.kept), desc="tokenizing", unit=" records") as bar:
             for start in range(0, len(self.kept), TOKENIZE_CHUNK):
                 chunk = self.kept[start:start + TOKENIZE_CHUNK]
-                prompts, responses = count_tokens_batch(self.tokenizer, self.fmt,
-                                                        [k.record for k in chunk])
-                for kept, n_prompt, n_response in zip(chunk, prompts, responses):
-                    measured = example_lengths(n_prompt, n_response, max_length, policy)
-                    if measured is None:
-                        why = "; fewer than 8 response tokens would remain" \
-                            if policy == "truncate" else ""
-                        self.rejects.add("too_long", f"{n_prompt + n_response + 1} tokens "
-                                         f"(prompt {n_prompt}) > --max-length {max_length} "
-                                         f"(policy {policy}{why})",
-                                         kept.file, kept.loc, rec_id=kept.record["id"])
+                measures = measure_batch(self.tokenizer, self.fmt, [k.record for k in chunk],
+                                         max_length, policy)
+                for kept, measured in zip(chunk, measures):
+                    if isinstance(measured, str):
+                        self.rejects.add("too_long", measured, kept.file, kept.loc,
+                                         rec_id=kept.record["id"])
                         continue
                     kept.tokens, kept.supervised, kept.truncated = measured
                     survivors.append(kept)
@@ -154,6 +150,8 @@ def _check_paths(cfg: PrepConfig) -> list[str]:
     out = Path(cfg.output_dir).resolve()
     for name in cfg.enriched:
         path = Path(name)
+        if HubSource.matches(name):
+            continue
         if not path.is_file():
             problems.append(f"input file not found: {name}")
         elif out == path.resolve().parent or out in path.resolve().parents:
@@ -206,9 +204,11 @@ def run_prep(cfg: PrepConfig, *, progress: bool = True) -> dict[str, Any]:
         write_json(tmp / "training_config.json", training, sort_keys=True)
         report = prep.report(training, derivation, tokenizer_name, max_length)
         write_json(tmp / "prep_report.json", report)
-        write_manifest(tmp, stage=STAGE, config=cfg.to_dict(), inputs=describe_inputs(
-            {("enriched" if len(cfg.enriched) == 1 else f"enriched_{i}"): p
-             for i, p in enumerate(cfg.enriched)}))
+        named = {("enriched" if len(cfg.enriched) == 1 else f"enriched_{i}"): p
+                 for i, p in enumerate(cfg.enriched)}
+        inputs = describe_inputs({k: p for k, p in named.items() if not HubSource.matches(p)})
+        inputs.update({k: {"path": p} for k, p in named.items() if HubSource.matches(p)})
+        write_manifest(tmp, stage=STAGE, config=cfg.to_dict(), inputs=inputs)
         for path in tmp.iterdir():              # temp files are private (0600); outputs are not
             path.chmod(0o644)
         tmp.chmod(0o755)

@@ -4,7 +4,8 @@ The trainer calls every callback on every process: ``on_train_begin`` (after a r
 ``on_step_end`` after each optimizer step that updated the weights, ``on_evaluate`` after each
 evaluation, ``on_checkpoint`` after a checkpoint is complete, and ``on_train_end`` when the run
 ends (finished, or stopped by a signal with its checkpoint written). A metrics row is a flat dict
-with ``step`` and ``time``; the loggers below write the main process's rows.
+with ``step`` and ``time``; the loggers below write the main process's rows (metrics.jsonl,
+TensorBoard, W&B, MLflow).
 """
 from __future__ import annotations
 
@@ -125,14 +126,56 @@ class WandbLogger(_ScalarLogger):
         self.run.finish()
 
 
+class MlflowLogger(_ScalarLogger):
+    """MLflow (``llama_sft.tracking``): the resolved config as params, each row's numbers as
+    metrics at its step, and at the end ``final_model/`` and ``loss_curve.png`` as artifacts.
+
+    The run is recorded in ``tracking.json`` in the output dir at the start and in
+    ``final_model/`` at the end. A resumed run continues the recorded one and skips the steps
+    it already holds (a resume replays them exactly)."""
+
+    def __init__(self, output_dir: Path, config: dict[str, Any], stage: str):
+        self.out, self.config, self.stage = Path(output_dir), config, stage
+        self.run = None
+        self.logged_through = -1
+
+    def on_train_begin(self, trainer, resumed):
+        from llama_sft.tracking import TrackedRun, read_record
+
+        previous = read_record(self.out) if resumed else None
+        self.run = TrackedRun.start(self.stage, self.config, previous)
+        if previous is not None and previous["run_id"] == self.run.run_id:
+            self.logged_through = self.run.last_step("loss")
+        self.run.record(self.out)
+
+    def log(self, scalars, step):
+        if step > self.logged_through:
+            timestamp = scalars.pop("time", None)    # the row's wall clock: the metric's own
+            self.run.log_metrics(scalars, step, timestamp)
+
+    def on_train_end(self, trainer):
+        state = trainer.state
+        finished = trainer.stop.signal is None and (state["step"] >= trainer.total_steps
+                                                    or state["stopped_early"])
+        final = self.out / "final_model"
+        if finished and final.is_dir():
+            self.run.record(final, step=state["step"])
+            self.run.log_artifact(final)
+            if (self.out / "loss_curve.png").exists():
+                self.run.log_artifact(self.out / "loss_curve.png")
+        self.run.end("FINISHED" if finished else "KILLED")
+
+
 def make_loggers(output_dir: Path, report_to: tuple[str, ...], *, wandb_project: str,
                  config: dict[str, Any], stage: str) -> list[TrainerCallback]:
-    """metrics.jsonl always, then TensorBoard and W&B as ``report_to`` names them."""
+    """metrics.jsonl always, then TensorBoard, W&B and MLflow as ``report_to`` names them."""
     loggers: list[TrainerCallback] = [MetricsFile(output_dir)]
     if "tensorboard" in report_to:
         loggers.append(TensorBoardLogger(output_dir))
     if "wandb" in report_to:
         loggers.append(WandbLogger(output_dir, wandb_project, config, stage))
+    if "mlflow" in report_to:
+        loggers.append(MlflowLogger(output_dir, config, stage))
     return loggers
 
 

@@ -51,7 +51,7 @@ def evaluate(trainer) -> dict[str, Any]:
 def generate_samples(trainer) -> list[dict[str, Any]]:
     """Greedy answers to the sample prompts, beside their references."""
     model = trainer.acc.unwrap_model(trainer.model)
-    prompts = [trainer.fmt.encode_prompt(trainer.tokenizer, r["instruction"], r.get("context", ""))
+    prompts = [trainer.fmt.encode_record_prompt(trainer.tokenizer, r)
                for r in trainer.data.samples]
     gens = generate_batch(model, trainer.tokenizer, prompts,
                           max_new_tokens=trainer.cfg.eval.max_new_tokens,

@@ -21,9 +21,11 @@ class TrainData:
 def prepare_data(cfg: RunConfig, tokenizer, fmt: PromptFormat, train_records, eval_records,
                  sample_records) -> TrainData:
     """Tokenize; examples with zero supervised tokens never reach training."""
-    train, dropped_train = encode_records(tokenizer, fmt, train_records, cfg.data.max_length)
+    train_on = cfg.data.train_on
+    train, dropped_train = encode_records(tokenizer, fmt, train_records, cfg.data.max_length,
+                                          train_on=train_on)
     evals, dropped_eval = encode_records(tokenizer, fmt, eval_records[:cfg.eval.max_eval_examples],
-                                         cfg.data.max_length)
+                                         cfg.data.max_length, train_on=train_on)
     if not train:
         raise PipelineError("0 trainable examples after tokenization (every example was empty or "
                             "longer than --max-length)", EXIT_DATA)
