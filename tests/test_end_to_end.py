@@ -47,7 +47,7 @@ def test_chain_on_tiny_model(enriched, tiny_model_dir, tmp_path, capsys):
               "--dtype", "float32"]
     rc = llama_pilot.main(["--golden-set", str(sft / "golden_set.jsonl"), "--output-dir",
                            str(pilot), "--max-steps", "4", "--num-samples", "4",
-                           "--max-new-tokens", "8", "--min-loss-drop", "0", "--max-final-loss",
+                           "--max-new-tokens", "8", "--min-loss-drop", "-1", "--max-final-loss",
                            "100", "--min-stop-rate", "0", *common])
     pilot_report = json.loads((pilot / "pilot_evaluation.json").read_text())
     assert rc == 0 and pilot_report["verdict"] == "go"
