@@ -62,3 +62,17 @@ def random_adapter(model_dir: Path, out: Path, *, style: str = "auto",
     write_json(out / "training_config.json", cfg.to_dict())
     write_manifest(out, stage="train", config=cfg.to_dict())
     return out
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and the top-2 logit gap at each step."""
+    import torch
+
+    ids, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            top = torch.topk(logits, 2).values
+            gaps.append(float(top[0] - top[1]))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], gaps

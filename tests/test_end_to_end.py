@@ -17,7 +17,7 @@ import llama_package
 import llama_pilot
 import llama_train
 import pipeline_sft_prep
-from helpers import ROOT
+from helpers import ROOT, hf_greedy
 from llama_sft.files import sha256_file
 
 
@@ -122,8 +122,6 @@ def _check_demo_gguf(wd: Path) -> None:
     """The main job's GGUF files in llama.cpp against the fine-tuned model in transformers, on the
     golden prompts: f16 gives the same 16 greedy tokens wherever transformers' top-2 gap stays
     clear of rounding; q8_0's agreement is reported."""
-    import torch
-
     from llama_sft.data.records import read_sft_jsonl
     from llama_sft.model.loading import load_for_inference
     from llama_sft.package import gguf
@@ -136,14 +134,8 @@ def _check_demo_gguf(wd: Path) -> None:
     clear = same_f16 = same_q8 = 0
     for record in read_sft_jsonl(str(wd / "sft_output" / "golden_set.jsonl"), None)[:24]:
         prompt = fmt.encode_prompt(tok, record["instruction"], record.get("context") or "")
-        ids, gap = list(prompt), float("inf")
-        with torch.no_grad():
-            for _ in range(16):
-                logits = model(torch.tensor([ids])).logits[0, -1]
-                top = torch.topk(logits, 2).values
-                gap = min(gap, float(top[0] - top[1]))
-                ids.append(int(logits.argmax()))
-        want = ids[len(prompt):]
+        want, gaps = hf_greedy(model, prompt, 16)
+        gap = min(gaps)
         same_q8 += gguf.greedy(q8, prompt, 16, []) == want
         if gap > 0.05:
             clear += 1

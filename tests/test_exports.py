@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import llama_package
-from helpers import make_records, random_adapter
+from helpers import hf_greedy, make_records, random_adapter
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.package import gguf
 
@@ -42,20 +42,6 @@ def _prompts(family_dir, style):
     fmt = PromptFormat.for_tokenizer(tok, style=style)
     return tok, fmt, [fmt.encode_prompt(tok, r["instruction"], r["context"])
                       for r in make_records(6)]
-
-
-def _hf_greedy(model, prompt, n):
-    """Greedy tokens and the top-2 logit gap at each step."""
-    import torch
-
-    ids, gaps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            top = torch.topk(logits, 2).values
-            gaps.append(float(top[0] - top[1]))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):], gaps
 
 
 @pytest.mark.parametrize("family", ["smollm2", "llama2", "llama3"])
@@ -91,13 +77,13 @@ def test_gguf_runs_in_llama_cpp_as_the_fine_tuned_model_does(family, family_dirs
         assert err < 2e-3 * np.abs(want).max() and moved > 20 * err, (err, moved)
         # greedy: identical up to the first step whose top-2 gap is within rounding (random
         # weights make near-ties common; past one, the two runs may rightly part)
-        tokens, gaps = _hf_greedy(tuned, prompt, 16)
+        tokens, gaps = hf_greedy(tuned, prompt, 16)
         clear = next((i for i, g in enumerate(gaps) if g < CLEAR_MARGIN), len(gaps))
         assert gguf.greedy(llm, prompt, 16, stop_ids=[])[:clear] == tokens[:clear]
         compared += clear
     assert compared >= 8, f"only {compared} greedy tokens had clear margins"
     quantized = gguf.load(q8)
-    agree = np.mean([gguf.greedy(quantized, p, 16, []) == _hf_greedy(tuned, p, 16)[0]
+    agree = np.mean([gguf.greedy(quantized, p, 16, []) == hf_greedy(tuned, p, 16)[0]
                      for p in prompts])
     print(f"{family}: f16 greedy identical on all {compared} clear-margin tokens; q8_0: all 16 "
           f"tokens identical on {agree:.0%} of {len(prompts)} prompts")
@@ -160,7 +146,7 @@ def test_onnx_export_matches_the_fine_tuned_model(family, family_dirs, tmp_path)
         with torch.no_grad():
             want = tuned(torch.tensor([prompt])).logits[0].numpy()
         assert np.abs(onnx_logits(onnx_dir, prompt) - want).max() < 1e-3
-        tokens, _ = _hf_greedy(tuned, prompt, 16)
+        tokens, _ = hf_greedy(tuned, prompt, 16)
         assert onnx_generate(onnx_dir, prompt, 16, stop_ids=set()) == tokens
     sums = (tmp_path / "packages" / "SHA256SUMS").read_text()
     assert "llama-sft-135m-0.1.0-onnx/model.onnx" in sums

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 import llama_package
-from helpers import ROOT, make_records, random_adapter, write_jsonl
+from helpers import ROOT, hf_greedy, make_records, random_adapter, write_jsonl
 from llama_chat import main as chat_main
 from llama_sft import serve
 from llama_sft.adapter.archive import verify_package
@@ -74,20 +74,6 @@ def cpp_answer(llm, tokenizer, fmt: PromptFormat, instruction: str, context: str
     tokens = gguf.greedy(llm, ids, MAX_TOKENS, fmt.stop_ids(tokenizer))
     text = llm.detokenize(tokens).decode("utf-8", errors="ignore")
     return text.removeprefix(fmt.response_prefix)
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens and the top-2 logit gap at each step."""
-    import torch
-
-    ids, gaps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            top = torch.topk(logits, 2).values
-            gaps.append(float(top[0] - top[1]))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):], gaps
 
 
 def port_is_free(port: int) -> bool:
