@@ -29,6 +29,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def hash_list_problem(directory: str | os.PathLike, hash_list: str) -> str | None:
+    """None when every file that ``directory/hash_list`` (JSON: ``{"files": {path: sha256}}``)
+    names is present and unchanged, else why not (a materialized cache's self-check)."""
+    directory = Path(directory)
+    if not (directory / hash_list).is_file():
+        return "no hash list"
+    for rel, digest in read_json(directory / hash_list)["files"].items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} missing"
+        if sha256_file(path) != digest:
+            return f"{rel} changed"
+    return None
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 

@@ -11,9 +11,9 @@ MLflow 3's plain-directory store refuses to start (unless ``MLFLOW_ALLOW_FILE_ST
 has no model registry. The experiment is ``MLFLOW_EXPERIMENT_NAME``, else ``llama-sft``.
 
 The run is recorded in ``tracking.json``: in the output directory when training starts (a resumed
-run continues it) and in ``final_model/`` when it ends, where evaluation and packaging find it.
-``final_model/tracking.json`` is written after the directory's manifest, so the manifest does not
-list it and the package allowlist skips it. Nothing token-shaped reaches MLflow: settings named
+run continues it) and in ``final_model/`` when that is written, where evaluation and packaging
+find it; the directory's manifest lists it, and the package allowlist leaves it out (a local
+store's path means nothing on another machine). Nothing token-shaped reaches MLflow: settings named
 like a secret or whose value looks like a token are left out, and a recorded tracking URI keeps
 no user, password or query.
 """

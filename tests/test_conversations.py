@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llama_sft.data.collate import pack_collate
-from llama_sft.data.conversation import encode_conversation, fit_conversation, history_prompt
+from llama_sft.data.conversation import (TRAIN_ON, encode_conversation, encode_conversations,
+                                         fit_conversation, fit_conversations, history_prompt)
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.data.tokenize import IGNORE_INDEX, encode_batch, encode_example, measure_batch
 from llama_sft.model.loading import load_tokenizer
@@ -22,6 +23,11 @@ MESSAGES = [{"role": "system", "content": "You are a support agent."},
 RECORD = {"id": "c1", "instruction": "Which city?", "context": "", "response": "Lyon.",
           "messages": MESSAGES}
 ANSWERS = ["It shipped on Monday.", "On Thursday.", "Lyon."]
+# drops earlier answers once a later turn follows (as reasoning templates drop earlier thinking)
+HISTORY_DROPPING = (
+    "{% for message in messages %}{% if message['role'] != 'assistant' or loop.last %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # family, style
 CASES = [("smollm2", "chat_template"), ("llama3", "chat_template"), ("llama2", "llama2"),
          ("llama2", "instruction"), ("smollm2", "instruction")]
@@ -94,11 +100,7 @@ def test_a_template_that_renders_history_differently_supervises_the_last_turn(to
     """A template that drops earlier answers once a later turn follows (as reasoning templates
     drop earlier thinking): earlier turns cannot be located, the last one is still trained."""
     tok = toks["smollm2"]
-    template = ("{% for message in messages %}{% if message['role'] != 'assistant' or loop.last %}"
-                "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                "{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    fmt = PromptFormat(style="chat_template", chat_template=template)
+    fmt = PromptFormat(style="chat_template", chat_template=HISTORY_DROPPING)
     ids, labels = encode_conversation(tok, fmt, MESSAGES)
     assert [tok.decode(r[:-1]) for r in runs(ids, labels)] == ANSWERS[-1:]
 
@@ -120,6 +122,24 @@ def test_truncation_removes_whole_exchanges_from_the_start(toks):
     assert enc.truncated and enc.input_ids == without_first
     assert measure_batch(tok, fmt, [RECORD], len(full) - 1) == [
         (len(without_first), enc.num_supervised, True)]
+
+
+@pytest.mark.parametrize("template", [None, HISTORY_DROPPING])
+def test_a_batch_of_conversations_encodes_each_as_alone(toks, template):
+    """One batch of conversations of different lengths, some over the limit (truncated or
+    dropped), some with turns that cannot be located: each comes out as it does on its own."""
+    tok = toks["smollm2"]
+    fmt = PromptFormat.for_tokenizer(tok) if template is None else \
+        PromptFormat(style="chat_template", chat_template=template)
+    batch = [MESSAGES, MESSAGES[:3], MESSAGES[:1] + MESSAGES[3:], MESSAGES[1:5], MESSAGES]
+    limit = len(encode_conversation(tok, fmt, MESSAGES)[0]) - 1      # the long ones truncate
+    for policy in ("truncate", "drop"):
+        for train_on in TRAIN_ON:
+            alone = [fit_conversation(tok, fmt, m, limit, policy, train_on) for m in batch]
+            assert fit_conversations(tok, fmt, batch, limit, policy, train_on) == alone
+            assert (alone[0] is None) == (policy == "drop") and alone[1] is not None
+    assert encode_conversations(tok, fmt, batch) == [encode_conversation(tok, fmt, m)
+                                                     for m in batch]
 
 
 def test_conversations_and_single_turn_records_batch_and_pack_together(toks):

@@ -133,7 +133,7 @@ def _check_demo_gguf(wd: Path) -> None:
                for t in ("f16", "q8_0"))
     clear = same_f16 = same_q8 = 0
     for record in read_sft_jsonl(str(wd / "sft_output" / "golden_set.jsonl"), None)[:24]:
-        prompt = fmt.encode_prompt(tok, record["instruction"], record.get("context") or "")
+        prompt = fmt.encode_record_prompt(tok, record)
         want, gaps = hf_greedy(model, prompt, 16)
         gap = min(gaps)
         same_q8 += gguf.greedy(q8, prompt, 16, []) == want

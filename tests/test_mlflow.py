@@ -80,6 +80,8 @@ def test_train_evaluate_package_register_in_one_run(tiny_model_dir, tmp_path, st
                       run.info.experiment_id, "run_id": run_id, "step": 4}
     assert json.loads((out / TRACKING_FILE).read_text())["run_id"] == run_id
     verify_manifest(out)                      # the record leaves both manifests intact
+    verify_manifest(final)
+    assert TRACKING_FILE in json.loads((final / "manifest.json").read_text())["files"]
     read_adapter_dir(final)
     assert artifact_paths(client, run_id) == {"loss_curve.png"} | {
         f"final_model/{name}" for name in FINAL_FILES}

@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 import pipeline_sft_prep as prep
 from llama_sft.errors import EXIT_OK
 from llama_sft.prep.intake import Intake
-from llama_sft.prep.minhash import (_NON_WORD, SHORT_MIN_WORDS, SHORT_RECORD_CHARS, OneWordIndex,
-                                    fuzzy_words, one_word_apart, short_prompt, text_jaccard)
+from llama_sft.prep.minhash import text_jaccard
+from llama_sft.prep.normalize import _NON_WORD, fuzzy_words
+from llama_sft.prep.one_word import (SHORT_MIN_WORDS, SHORT_RECORD_CHARS, OneWordIndex,
+                                     one_word_apart, short_prompt)
 from llama_sft.prep.options import PrepConfig
 from llama_sft.prep.report import RejectLog
 
@@ -318,6 +320,8 @@ def test_one_word_edits_of_short_records_are_caught_and_distinct_ones_kept(tmp_p
     assert figures["false_merges"] == [], figures
     report = json.loads((out / "prep_report.json").read_text())
     assert report["dedup"]["near"] == figures["caught"]
+    one_word = sum("prompt one word apart" in r["detail"] for r in rejects)
+    assert 0 < one_word <= figures["caught"] and report["dedup"]["near_one_word"] == one_word
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _render_template(tokenizer, fmt: PromptFormat, messages):
         if message["role"] != "assistant":
             continue
         prompt = fmt.apply_messages(tokenizer, list(messages[:i]), add_generation_prompt=True)
-        turn = fmt.apply_messages(tokenizer, list(messages[:i + 1]))
+        turn = full if i == len(messages) - 1 else \
+            fmt.apply_messages(tokenizer, list(messages[:i + 1]))
         at = turn.find(term_text, len(prompt))
         if not (turn.startswith(prompt) and full.startswith(turn[:at]) and at >= 0):
             spans.append(None)
@@ -97,30 +98,50 @@ def encode_conversation(tokenizer, fmt: PromptFormat, messages: Sequence[dict[st
                         train_on: str = "all") -> tuple[list[int], list[int]]:
     """(input ids, labels) of a conversation: the chosen assistant turns and their terminators
     supervised, every other token masked (-100)."""
-    from llama_sft.data.tokenize import IGNORE_INDEX, _encode_many
+    return encode_conversations(tokenizer, fmt, [messages], train_on)[0]
 
-    text, spans = render_turns(tokenizer, fmt, messages)
+
+def encode_conversations(tokenizer, fmt: PromptFormat,
+                         conversations: Sequence[Sequence[dict[str, str]]], train_on: str = "all"
+                         ) -> list[tuple[list[int], list[int]]]:
+    """``encode_conversation`` of many conversations, with one tokenizer call for their texts and
+    one for their turns' prompts."""
+    from llama_sft.data.tokenize import _encode_many, _encode_many_with_ends
+
     special = fmt.adds_special_tokens
-    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
-    labels = [IGNORE_INDEX] * len(ids)
-    chosen = list(enumerate(spans))[-1:] if train_on == "last" else list(enumerate(spans))
-    prompts = [text[:span[0]] for _, span in chosen if span is not None]
-    prompt_ids = iter(_encode_many(tokenizer, prompts, special)) if prompts else iter(())
+    rendered = [render_turns(tokenizer, fmt, messages) for messages in conversations]
+    encoded = _encode_many_with_ends(tokenizer, [text for text, _ in rendered], special)
+    chosen = [[(i, span) for i, span in enumerate(spans) if span is not None
+               and (train_on == "all" or i == len(spans) - 1)] for _, spans in rendered]
+    prompt_ids = iter(_encode_many(tokenizer, [text[:span[0]] for (text, _), picks in
+                                               zip(rendered, chosen) for _, span in picks],
+                                   special))
     terminator = fmt.terminator_id(tokenizer)
+    out = []
+    for messages, (_, spans), (ids, ends), picks in zip(conversations, rendered, encoded, chosen):
+        labels = _turn_labels(ids, ends, [(i, span, next(prompt_ids)) for i, span in picks],
+                              terminator, len(spans) - 1)
+        out.append((ids, labels) if labels is not None else
+                   _last_turn_only(tokenizer, fmt, messages))
+    return out
+
+
+def _turn_labels(ids: list[int], ends: list[int], turns, terminator: int, last: int
+                 ) -> list[int] | None:
+    """Labels supervising each of ``turns`` ((index, span, its prompt's ids)) that checks out:
+    its prompt's ids a prefix of ``ids``, its span ending on ``terminator``. None when turn
+    ``last`` (the final answer) is not among them."""
+    from llama_sft.data.tokenize import IGNORE_INDEX
+
+    labels = [IGNORE_INDEX] * len(ids)
     last_ok = False
-    for i, span in chosen:
-        if span is None:
-            continue
-        prompt = next(prompt_ids)
-        end = next((j for j, off in enumerate(offsets) if off >= span[1]), len(ids) - 1) + 1
+    for i, span, prompt in turns:
+        end = next((j for j, off in enumerate(ends) if off >= span[1]), len(ids) - 1) + 1
         if ids[:len(prompt)] != prompt or ids[end - 1] != terminator:
             continue
         labels[len(prompt):end] = ids[len(prompt):end]
-        last_ok = last_ok or i == len(spans) - 1
-    if not last_ok:
-        return _last_turn_only(tokenizer, fmt, messages)
-    return ids, labels
+        last_ok = last_ok or i == last
+    return labels if last_ok else None
 
 
 def _last_turn_only(tokenizer, fmt, messages):
@@ -141,16 +162,30 @@ def fit_conversation(tokenizer, fmt: PromptFormat, messages: Sequence[dict[str, 
                      ) -> tuple[list[int], list[int], int] | None:
     """``encode_conversation`` within ``max_length``: (ids, labels, exchanges removed), or None
     (policy ``drop``, or not even the last exchange fits, or nothing is supervised)."""
+    return fit_conversations(tokenizer, fmt, [messages], max_length, policy, train_on)[0]
+
+
+def fit_conversations(tokenizer, fmt: PromptFormat,
+                      conversations: Sequence[Sequence[dict[str, Any]]], max_length: int,
+                      policy: str = "truncate", train_on: str = "all"
+                      ) -> list[tuple[list[int], list[int], int] | None]:
+    """``fit_conversation`` of many: each round encodes, in one batch, the conversations still
+    over ``max_length`` with one more exchange removed."""
     from llama_sft.data.tokenize import IGNORE_INDEX
 
-    system, turns = exchanges(messages)
-    for removed in range(len(turns)):
-        kept = system + [m for turn in turns[removed:] for m in turn]
-        ids, labels = encode_conversation(tokenizer, fmt, kept, train_on)
-        if len(ids) <= max_length:
-            if all(label == IGNORE_INDEX for label in labels):
-                return None
-            return ids, labels, removed
-        if policy == "drop":
-            return None
-    return None
+    split = [exchanges(messages) for messages in conversations]
+    out: list[tuple[list[int], list[int], int] | None] = [None] * len(conversations)
+    pending, removed = list(range(len(conversations))), 0
+    while pending:
+        kept = [split[i][0] + [m for turn in split[i][1][removed:] for m in turn]
+                for i in pending]
+        over = []
+        for i, (ids, labels) in zip(pending, encode_conversations(tokenizer, fmt, kept,
+                                                                   train_on)):
+            if len(ids) <= max_length:
+                if any(label != IGNORE_INDEX for label in labels):
+                    out[i] = (ids, labels, removed)
+            elif policy == "truncate" and removed + 1 < len(split[i][1]):
+                over.append(i)
+        pending, removed = over, removed + 1
+    return out

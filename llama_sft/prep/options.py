@@ -8,7 +8,7 @@ from typing import Any
 from llama_sft.config.presets import PRESETS
 from llama_sft.data.prompt_format import PROMPT_STYLES
 from llama_sft.errors import UsageError
-from llama_sft.prep.readers import resolve_inputs
+from llama_sft.prep.containers import resolve_inputs
 
 STAGE = "prep"
 OUTPUT_FILES = ("sft_dataset.jsonl", "golden_set.jsonl", "training_config.json",

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from llama_sft.prep.minhash import MinHasher, normalize_fuzzy
-from llama_sft.prep.normalize import clean_text
+from llama_sft.prep.items import excerpt, type_name
+from llama_sft.prep.minhash import MinHasher
+from llama_sft.prep.normalize import clean_text, normalize_fuzzy
 from llama_sft.prep.pii import _scrub_value, _strings, may_hold_pii
-from llama_sft.prep.readers import _excerpt, _type_name
 
 QUALITY_FIELDS = ("quality_score", "quality", "score")
 DEFAULT_CATEGORY = "general"
@@ -79,7 +79,7 @@ def _text(value: dict[str, Any], key: str | None, required: bool) -> str:
             raise RecordError("null_field", f"field {key!r} is null")
         return ""
     if not isinstance(text, str):
-        raise RecordError("wrong_type", f"field {key!r} is {_type_name(text)}, not a string")
+        raise RecordError("wrong_type", f"field {key!r} is {type_name(text)}, not a string")
     return text
 
 
@@ -87,7 +87,7 @@ def _turn(i: int, message: Any) -> tuple[str, str]:
     """Message ``i`` as (role, content), its role one of system/user/assistant; reads OpenAI
     (role/content) and ShareGPT (from/value) keys alike."""
     if not isinstance(message, dict):
-        raise RecordError("bad_chat", f"message {i} is {_type_name(message)}, not an object")
+        raise RecordError("bad_chat", f"message {i} is {type_name(message)}, not an object")
     role = message.get("role", message.get("from"))
     if not isinstance(role, str) or role.strip().lower() not in ROLES:
         found = "no role ('role' or 'from')" if role is None else f"unknown role {role!r}"
@@ -95,7 +95,7 @@ def _turn(i: int, message: Any) -> tuple[str, str]:
                           f"{', '.join(ROLES)}")
     content = message["content"] if "content" in message else message.get("value")
     if not isinstance(content, str):
-        raise RecordError("wrong_type", f"message {i} content is {_type_name(content)}, "
+        raise RecordError("wrong_type", f"message {i} content is {type_name(content)}, "
                           f"not a string")
     return ROLES[role.strip().lower()], content
 
@@ -128,7 +128,7 @@ def _conversation(value: dict[str, Any], field: str) -> list[tuple[str, str]]:
         raise RecordError("missing_field", f"field {field!r} is missing")
     messages = value[field]
     if not isinstance(messages, list):
-        raise RecordError("wrong_type", f"field {field!r} is {_type_name(messages)}, "
+        raise RecordError("wrong_type", f"field {field!r} is {type_name(messages)}, "
                           f"not a list")
     turns = [_turn(i, message) for i, message in enumerate(messages)]
     _check_order([role for role, _ in turns])
@@ -183,11 +183,11 @@ def to_record(value: dict[str, Any], field_map: dict[str, str]) -> tuple[dict[st
     id_key, cat_key = field_map.get("id", "id"), field_map.get("category", "category")
     rec_id = value.get(id_key)
     if isinstance(rec_id, bool) or not isinstance(rec_id, (str, int, type(None))):
-        raise RecordError("wrong_type", f"field {id_key!r} is {_type_name(rec_id)}, "
+        raise RecordError("wrong_type", f"field {id_key!r} is {type_name(rec_id)}, "
                           f"not a string or number")
     category = value.get(cat_key)
     if category is not None and not isinstance(category, str):
-        raise RecordError("wrong_type", f"field {cat_key!r} is {_type_name(category)}, "
+        raise RecordError("wrong_type", f"field {cat_key!r} is {type_name(category)}, "
                           f"not a string")
     consumed |= {id_key, cat_key}
     metadata = {k: v for k, v in value.items() if k not in consumed}
@@ -314,4 +314,4 @@ def prepare_value(value: dict[str, Any], field_map: dict[str, str], pii_scrub: b
         rec_id = value.get(field_map.get("id", "id"))
         return Rejected(exc.reason, exc.detail, exc.cleaning, dict(exc.pii),
                         str(rec_id) if isinstance(rec_id, (str, int)) else None,
-                        _excerpt(json.dumps(value, ensure_ascii=False)))
+                        excerpt(json.dumps(value, ensure_ascii=False)))

@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from typing import IO, Any
 
 from llama_sft.prep.minhash import NUM_PERM, SHINGLE_CHARS
+from llama_sft.prep.one_word import SHORT_MIN_WORDS, SHORT_RECORD_CHARS
 from llama_sft.prep.options import FILTER_REASONS, INVALID_REASONS
 from llama_sft.prep.splits import _round, length_summary
 
@@ -80,7 +81,11 @@ def build_report(prep, training: dict[str, Any], derivation: dict[str, Any],
         "dedup": {"exact": prep.rejects.counts.get("duplicate", 0),
                   "near": prep.rejects.counts.get("near_duplicate", 0),
                   "near_threshold": prep.cfg.dedup_threshold, "num_perm": NUM_PERM,
-                  "shingle_chars": SHINGLE_CHARS},
+                  "shingle_chars": SHINGLE_CHARS,
+                  # of "near": short records, same answer, prompt one word apart
+                  "near_one_word": intake.stats["near_one_word"],
+                  "one_word_rule": {"max_record_chars": SHORT_RECORD_CHARS,
+                                    "min_prompt_words": SHORT_MIN_WORDS}},
         "quality": {**intake.quality, "min_quality": prep.cfg.min_quality,
                     "filtered": prep.rejects.counts.get("low_quality", 0)},
         "length": {"tokenizer": tokenizer_name, "prompt_style": prep.fmt.style,

@@ -20,10 +20,10 @@ from llama_sft.data.tokenize import measure_batch
 from llama_sft.errors import DataError, UsageError
 from llama_sft.files import atomic_output_dir, describe_inputs, write_json, write_manifest
 from llama_sft.model.loading import load_tokenizer
+from llama_sft.prep.containers import HubSource
 from llama_sft.prep.contamination import decontaminate
 from llama_sft.prep.intake import Intake, Kept
 from llama_sft.prep.options import STAGE, PrepConfig
-from llama_sft.prep.readers import HubSource
 from llama_sft.prep.report import RejectLog, _print_summary, build_report
 from llama_sft.prep.splits import assign_splits
 from llama_sft.prep.training_config import derive_training_config

@@ -9,8 +9,9 @@ import signal
 from collections import deque
 from typing import Any, Iterator
 
+from llama_sft.prep.items import Item
 from llama_sft.prep.minhash import MinHasher
-from llama_sft.prep.readers import Item, parse_jsonl_line
+from llama_sft.prep.readers import parse_jsonl_line
 from llama_sft.prep.records import Prepared, Rejected, prepare_value
 
 PREP_CHUNK = 512             # records per task sent to a worker process

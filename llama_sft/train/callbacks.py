@@ -34,6 +34,10 @@ class TrainerCallback:
     def on_checkpoint(self, trainer, path: Path) -> None:
         """After ``path`` (checkpoint-<step>/) was written completely."""
 
+    def on_final_model(self, trainer, directory: Path) -> None:
+        """While ``final_model/`` is written (``directory``: its staging folder, before the
+        manifest): a file added here is listed in the manifest."""
+
     def on_train_end(self, trainer) -> None:
         """When the run ends, finished or interrupted."""
 
@@ -131,7 +135,7 @@ class MlflowLogger(_ScalarLogger):
     metrics at its step, and at the end ``final_model/`` and ``loss_curve.png`` as artifacts.
 
     The run is recorded in ``tracking.json`` in the output dir at the start and in
-    ``final_model/`` at the end. A resumed run continues the recorded one and skips the steps
+    ``final_model/`` (listed in its manifest) when that is written. A resumed run continues the recorded one and skips the steps
     it already holds (a resume replays them exactly)."""
 
     def __init__(self, output_dir: Path, config: dict[str, Any], stage: str):
@@ -153,13 +157,15 @@ class MlflowLogger(_ScalarLogger):
             timestamp = scalars.pop("time", None)    # the row's wall clock: the metric's own
             self.run.log_metrics(scalars, step, timestamp)
 
+    def on_final_model(self, trainer, directory):
+        self.run.record(directory, step=trainer.state["step"])
+
     def on_train_end(self, trainer):
         state = trainer.state
         finished = trainer.stop.signal is None and (state["step"] >= trainer.total_steps
                                                     or state["stopped_early"])
         final = self.out / "final_model"
         if finished and final.is_dir():
-            self.run.record(final, step=state["step"])
             self.run.log_artifact(final)
             if (self.out / "loss_curve.png").exists():
                 self.run.log_artifact(self.out / "loss_curve.png")

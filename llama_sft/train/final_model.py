@@ -70,6 +70,7 @@ def save_final_model(trainer, final: Path, summary: dict[str, Any],
             write_json(tmp / "metrics_summary.json", summary)
             for junk in ("training_args.bin", "README.md"):
                 (tmp / junk).unlink(missing_ok=True)
+            trainer.emit("on_final_model", tmp)
             write_manifest(tmp, stage=f"{trainer.stage}/final_model", inputs=trainer.inputs,
                            config=trainer.cfg.to_dict())
     except OSError as exc:
