@@ -102,12 +102,19 @@ def outputs(out: Path) -> dict:
 # command line
 
 def test_help_is_instant_and_shows_defaults():
+    """No heavy import for --help (torch, transformers, datasets, pyarrow), every default shown,
+    the hub flags and the container formats included."""
     code = ("import sys, pipeline_sft_prep as p; h = p.build_parser().format_help(); "
-            "print('torch' in sys.modules or 'transformers' in sys.modules); print(h)")
+            "print(sorted({'torch', 'transformers', 'datasets', 'pyarrow'} & set(sys.modules))); "
+            "print(h)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
-    assert out.splitlines()[0] == "False"
+    assert out.splitlines()[0] == "[]"
     assert "(default: 150)" in out and "(default: drop)" in out and "(default: 0.1)" in out
+    help_text = " ".join(out.split())
+    assert "--hf-split HF_SPLIT split to read from a hub dataset" in help_text
+    assert "(default: train)" in help_text and "(default: 0.05)" in help_text
+    assert "{auto,jsonl,json,csv,tsv,parquet,arrow}" in help_text
     with pytest.raises(SystemExit) as exc:
         prep.main(["--help"])
     assert exc.value.code == 0

@@ -258,15 +258,3 @@ def test_bad_container_inputs_exit_with_their_code_and_write_nothing(tmp_path, t
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
         assert_nothing_written(tmp_path, out)
-
-
-def test_help_shows_the_hub_flags_and_imports_no_datasets():
-    code = ("import sys, pipeline_sft_prep as p; h = p.build_parser().format_help(); "
-            "print(sorted({'torch', 'datasets', 'pyarrow'} & set(sys.modules))); print(h)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    assert out.splitlines()[0] == "[]"
-    help_text = " ".join(out.split())
-    assert "--hf-split HF_SPLIT split to read from a hub dataset" in help_text
-    assert "(default: train)" in help_text and "(default: 0.05)" in help_text
-    assert "{auto,jsonl,json,csv,tsv,parquet,arrow}" in help_text

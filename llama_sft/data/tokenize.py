@@ -149,13 +149,22 @@ def count_tokens_batch(tokenizer, fmt: PromptFormat, records: Sequence[dict[str,
     return [len(p) for p in prompts], [len(r) for r in responses]
 
 
+def _plain_backend(tokenizer):
+    """A fast tokenizer's Rust backend when calling it directly gives what the transformers
+    wrapper would (it neither pads nor truncates), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return backend
+    return None
+
+
 def _encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     """Token ids of many texts; a fast tokenizer's Rust backend is called directly (the
     transformers wrapper costs several times the backend call) unless the backend would pad or
     truncate (settings a tokenizer.json can carry and the wrapper switches off).
     ``encode_batch_fast`` skips the character offsets, which ids do not need."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is not None and backend.truncation is None and backend.padding is None:
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
     ids = tokenizer(texts, add_special_tokens=add_special_tokens,
@@ -169,8 +178,8 @@ def _encode_many_with_ends(tokenizer, texts: list[str], add_special_tokens: bool
     tokenizer (with the offsets it skips there)."""
     if not texts:
         return []
-    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
-    if backend is not None and backend.truncation is None and backend.padding is None:
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
         return [(e.ids, [end for _, end in e.offsets])
                 for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
     encoded = tokenizer(texts, add_special_tokens=add_special_tokens,
