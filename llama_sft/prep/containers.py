@@ -118,7 +118,8 @@ def resolve_inputs(names: tuple[str, ...] | list[str], split: str = "train",
                    config: str | None = None) -> tuple[str, ...]:
     """``--enriched`` as the stage reads it: globs expanded (sorted), save_to_disk directories
     replaced by their Arrow shards, hub ids checked (offline and not cached: StorageError, exit
-    74) and written out with their split and configuration. Usage problems are reported together."""
+    74) and written out with their split and configuration. Usage problems are reported
+    together."""
     resolved: list[str] = []
     problems: list[str] = []
     for name in names:

@@ -135,8 +135,8 @@ class MlflowLogger(_ScalarLogger):
     metrics at its step, and at the end ``final_model/`` and ``loss_curve.png`` as artifacts.
 
     The run is recorded in ``tracking.json`` in the output dir at the start and in
-    ``final_model/`` (listed in its manifest) when that is written. A resumed run continues the recorded one and skips the steps
-    it already holds (a resume replays them exactly)."""
+    ``final_model/`` (listed in its manifest) when that is written. A resumed run continues the
+    recorded one and skips the steps it already holds (a resume replays them exactly)."""
 
     def __init__(self, output_dir: Path, config: dict[str, Any], stage: str):
         self.out, self.config, self.stage = Path(output_dir), config, stage
